@@ -1,0 +1,59 @@
+"""Attention backends over the paged KV cache, and the metadata the model runner builds for them.
+
+A backend stores the step's new K/V rows into the pool (slot_mapping) and then attends
+each sequence's new queries against all of its K/V, read through its block table.
+Every layer stores the whole batch before attending, which is what lets a request admitted
+in the same step read prefix blocks another request is computing (see KVCacheManager).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor      # [num_tokens] int64
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32
+    seq_lens: torch.Tensor          # [num_seqs] int32
+    block_tables: torch.Tensor      # [num_seqs, max_blocks] int32
+    query_start_loc_cpu: list[int]  # host copies, for backends that loop over sequences
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+
+class AttentionBackend:
+    name = "base"
+
+    def __init__(self, head_dim: int, sliding_window: int | None = None) -> None:
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """CPU path: torch ops (SDPA per sequence; decodes batched)."""
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, meta):
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        reference.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+        return reference.paged_attention(q, key_cache, value_cache, meta.query_start_loc_cpu,
+                                         meta.seq_lens_cpu, meta.block_tables, self.scale,
+                                         self.sliding_window)
+
+
+BACKENDS = {"torch": TorchAttentionBackend}
+
+
+def get_backend(name: str, head_dim: int, sliding_window: int | None) -> AttentionBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend {name!r} is not available; choose from "
+                         f"{', '.join(BACKENDS)}.")
+    return BACKENDS[name](head_dim, sliding_window)

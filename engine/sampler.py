@@ -1,0 +1,136 @@
+"""Batched sampling for requests with different settings in one step.
+
+Order per row: penalties and min_tokens on the raw logits -> greedy argmax, or
+temperature -> top-k / top-p / min-p filtering -> a draw. Draws use the exponential-race
+trick (argmax of p / Exp(1) noise), so a seeded request's noise comes from its own
+generator and its output does not depend on what else is in the batch.
+Logprobs are of the model's raw distribution (before penalties and temperature), as vLLM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: None, or (sampled logprob, sampled rank, top ids, top logprobs)
+    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request],
+                 generators: dict[str, torch.Generator]) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = None
+        if any(r.sampling_params.logprobs is not None for r in reqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, reqs)
+        tokens = self._sample(logits, reqs, generators)
+        token_list = tokens.tolist()
+        logprobs = [None] * len(reqs)
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, tokens, reqs)
+        return SamplerOutput(token_list, logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        for i, req in enumerate(reqs):
+            params = req.sampling_params
+            if params.needs_penalties:
+                logits[i] = _penalize(logits[i], req, self.vocab_size)
+            if req.num_output_tokens < params.min_tokens:
+                banned = [t for t in (*req.eos_token_ids, *params.stop_token_ids)
+                          if t < self.vocab_size]
+                logits[i, banned] = float("-inf")
+        return logits
+
+    def _sample(self, logits, reqs, generators) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(reqs) if not r.sampling_params.greedy]
+        if not random_rows:
+            return greedy
+        rows = torch.tensor(random_rows, device=logits.device)
+        params = [reqs[i].sampling_params for i in random_rows]
+        sub = logits[rows]
+        temps = torch.tensor([p.temperature for p in params], device=logits.device)
+        sub = sub / temps.unsqueeze(1)
+        sub = _filter(sub, params)
+        probs = torch.softmax(sub, dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for j, i in enumerate(random_rows):
+            gen = generators.get(reqs[i].request_id)
+            if gen is not None:
+                noise[j] = torch.empty_like(probs[j]).exponential_(generator=gen)
+        greedy[rows] = (probs / noise).argmax(dim=-1)
+        return greedy
+
+
+def _penalize(row: torch.Tensor, req: Request, vocab_size: int) -> torch.Tensor:
+    params = req.sampling_params
+    if params.repetition_penalty != 1.0:
+        # transformers/vLLM convention: over prompt and output tokens, shrink toward zero.
+        seen = torch.tensor(sorted(set(req.token_ids)), device=row.device)
+        seen = seen[seen < vocab_size]
+        vals = row[seen]
+        p = params.repetition_penalty
+        row[seen] = torch.where(vals > 0, vals / p, vals * p)
+    if params.presence_penalty or params.frequency_penalty:
+        # OpenAI convention: over generated tokens only.
+        out = torch.tensor(req.output_token_ids, dtype=torch.long, device=row.device)
+        counts = torch.bincount(out, minlength=vocab_size)[:vocab_size].to(row.dtype)
+        row = row - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    return row
+
+
+def _filter(logits: torch.Tensor, params) -> torch.Tensor:
+    """top-k, top-p and min-p on temperature-scaled logits; at least one token always survives."""
+    need_k = any(p.top_k > 0 for p in params)
+    need_p = any(p.top_p < 1.0 for p in params)
+    need_min_p = any(p.min_p > 0.0 for p in params)
+    if not (need_k or need_p or need_min_p):
+        return logits
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if need_k:
+        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        drop |= torch.arange(vocab, device=device)[None, :] >= k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    if need_p:
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= top_p[:, None]
+    if need_min_p:
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    filtered = torch.full_like(logits, float("-inf"))
+    filtered.scatter_(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return filtered
+
+
+def _gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, reqs: list[Request]):
+    n_top = max(r.sampling_params.logprobs or 0 for r in reqs)
+    chosen = logprobs.gather(1, tokens[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_vals, top_ids = logprobs.topk(n_top, dim=-1) if n_top else (None, None)
+    chosen, ranks = chosen.squeeze(1).tolist(), ranks.tolist()
+    top_vals = top_vals.tolist() if n_top else None
+    top_ids = top_ids.tolist() if n_top else None
+    out = []
+    for i, req in enumerate(reqs):
+        n = req.sampling_params.logprobs
+        if n is None:
+            out.append(None)
+        else:
+            out.append((chosen[i], ranks[i], top_ids[i][:n] if n else [], top_vals[i][:n] if n else []))
+    return out

@@ -1,0 +1,155 @@
+"""Continuous batching under a token budget: plain Python, no torch.
+
+Each step: running requests first (a decode is 1 token, an unfinished prefill gets its next
+chunk), then waiting ones in arrival order, each given min(remaining tokens, budget left).
+When the pool is out of blocks for a running request, the newest running request is
+preempted (blocks freed, recomputed later from its prompt + output so far).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens computed for it this step, from request.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so a token is sampled."""
+        req = self.request
+        return req.num_computed_tokens + self.num_tokens == req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, watermark: float = 0.01) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # Admission keeps this many blocks spare so new arrivals do not immediately
+        # force preemption of the requests already running.
+        self.watermark_blocks = int(watermark * kv_cache.pool.num_blocks)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use.")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:  # memory is tight: let the running ones drain first
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(req, num_new):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit_tokens = self.kv_cache.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit_tokens, budget)
+            num_blocks_needed = -(-(num_hit_tokens + num_new) // self.kv_cache.block_size)
+            if (self.running and self.kv_cache.num_free_blocks - num_blocks_needed
+                    < self.watermark_blocks):
+                break
+            if not self.kv_cache.allocate_slots(req, num_new, hits):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit_tokens
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_hit_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+
+    def _preempt(self, req: Request) -> None:
+        self.kv_cache.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, out: SchedulerOutput,
+                           sampled: dict[str, int]) -> list[Request]:
+        """Advance every scheduled request by its chunk; append sampled tokens.
+
+        Returns the requests that got a new token. Those whose token ends them
+        (eos, stop token, length) are finished and their blocks freed here.
+        """
+        updated = []
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_tokens
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_token(token)
+            updated.append(req)
+            if req.check_stop():
+                self._free(req)
+        return updated
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request from outside (stop string, abort); unknown or finished ids are a no-op."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        req.status = status
+        self._free(req)
+        return req
+
+    def _free(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv_cache.free(req)
+        del self.requests[req.request_id]

@@ -1,0 +1,51 @@
+"""Tokenizer loading, eos ids and chat message normalization."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:
+    """eos ids from generation_config.json (int or list), config.json and the tokenizer."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                value = json.load(f).get("eos_token_id")
+            if value is not None:
+                ids.update(value if isinstance(value, list) else [value])
+                break
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Chat messages with ``content`` as a plain string (OpenAI also allows a list of parts)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} objects.")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] must be an object with a 'role'.")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise ValueError(f"messages[{i}].content: only text parts are supported.")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts.")
+        out.append({**m, "content": content})
+    return out

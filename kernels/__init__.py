@@ -1,0 +1,1 @@
+"""Attention kernels over the paged KV cache: Triton kernels and their torch references."""

@@ -1,0 +1,99 @@
+"""Torch implementations of the paged-attention ops: the CPU backend and the kernels' oracle.
+
+Layouts (shared with the Triton kernels):
+    query            [num_tokens, num_heads, head_dim]           flattened batch
+    key / value      [num_tokens, num_kv_heads, head_dim]        this step's new rows
+    key_cache        [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping     [num_tokens]   block_id * block_size + offset; -1 = do not store
+    block_tables     [num_seqs, max_blocks_per_seq]               block ids, padded
+    query_start_loc  [num_seqs + 1] cumulative query lengths
+    seq_lens         [num_seqs]     context_len + query_len per sequence
+
+For sequence i the new queries sit at the end of its sequence:
+
+    |<-------------- seq_len ---------------->|
+    |<---- context_len ---->|<-- query_len -->|
+    query j (0-based) has absolute position context_len + j and attends keys 0..context_len + j
+    (and, with a sliding window W, only keys with position > context_len + j - W).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write each token's K/V row into its slot; slot -1 is skipped (padding)."""
+    if (slot_mapping < 0).any():
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+
+
+def _causal_mask(context_len: int, query_len: int, seq_len: int, sliding_window: int | None,
+                 device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(context_len, context_len + query_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[seq_len, num_kv_heads, head_dim] rows of one sequence, read through its block table."""
+    return cache[block_ids].flatten(0, 1)[:seq_len]
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    query_start_loc: list[int], seq_lens: list[int], block_tables: torch.Tensor,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new queries against its cached K/V.
+
+    ``query_start_loc`` and ``seq_lens`` are host lists (the CPU backend loops over sequences).
+    Returns [num_tokens, num_heads, head_dim].
+    """
+    out = torch.empty_like(query)
+    block_size = key_cache.shape[1]
+    decodes = [i for i in range(len(seq_lens)) if query_start_loc[i + 1] - query_start_loc[i] == 1]
+    if len(decodes) > 1 and sliding_window is None:
+        _decode_batch(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
+                      scale, decodes, out)
+        done = set(decodes)
+    else:
+        done = set()
+    for i, seq_len in enumerate(seq_lens):
+        if i in done:
+            continue
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        query_len = end - start
+        num_blocks = -(-seq_len // block_size)
+        k = _gather(key_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)
+        v = _gather(value_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)
+        q = query[start:end].transpose(0, 1)
+        mask = None
+        if query_len > 1 or sliding_window is not None:
+            mask = _causal_mask(seq_len - query_len, query_len, seq_len, sliding_window, q.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _decode_batch(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
+                  scale, decodes, out) -> None:
+    """All single-token queries in one padded SDPA call (keys past seq_len masked out)."""
+    block_size = key_cache.shape[1]
+    idx = torch.tensor(decodes, device=query.device)
+    lens = torch.tensor([seq_lens[i] for i in decodes], device=query.device)
+    max_len = int(lens.max())
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables[idx, :num_blocks]
+    k = key_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, KVH, L, D]
+    v = value_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    rows = torch.tensor([query_start_loc[i] for i in decodes], device=query.device)
+    q = query[rows].unsqueeze(2)  # [B, H, 1, D]
+    mask = (torch.arange(max_len, device=query.device)[None, :] < lens[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    out[rows] = o.squeeze(2)

@@ -1,0 +1,1 @@
+"""kvserve server: OpenAI-compatible HTTP front end over the engine."""
