@@ -1,0 +1,133 @@
+"""Sampling, stopping and bad input on the real model (the session's shared LLM)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import assert_no_leak
+from engine import SamplingParams
+
+PROMPT = "Once upon a time, in a land far away,"
+
+
+def texts(llm, prompts, params):
+    return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_seeded_sampling_reproduces_across_batches(smol_llm):
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=7, ignore_eos=True)
+    alone = texts(smol_llm, [PROMPT], params)[0].token_ids
+    other = SamplingParams(temperature=1.2, max_tokens=30, ignore_eos=True)
+    mixed = smol_llm.generate([PROMPT, "The weather today", PROMPT], [other, other, params],
+                              use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    different_seed = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=24, seed=8, ignore_eos=True)
+    assert texts(smol_llm, [PROMPT], different_seed)[0].token_ids != alone
+
+
+def test_top_k_one_equals_greedy(smol_llm):
+    greedy = texts(smol_llm, [PROMPT], SamplingParams(temperature=0.0, max_tokens=16))[0]
+    top1 = texts(smol_llm, [PROMPT], SamplingParams(temperature=1.5, top_k=1, max_tokens=16))[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_n_completions_share_prompt_blocks(smol_llm):
+    engine = smol_llm.engine
+    prompt = "Tell me a story about a dragon who " * 4  # > 2 full blocks
+    hits = engine.kv_cache.pool.num_cache_hits
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=1, ignore_eos=True)
+    out = smol_llm.generate(prompt, params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 12 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    n_full = (len(out.prompt_token_ids) - 1) // engine.config.block_size
+    assert engine.kv_cache.pool.num_cache_hits - hits >= 2 * n_full
+    again = smol_llm.generate(prompt, params, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    assert_no_leak(engine)
+
+
+def test_penalties_and_min_p_change_output(smol_llm):
+    base = texts(smol_llm, ["a a a a a a a a"], SamplingParams(temperature=0.0, max_tokens=16))[0]
+    rep = texts(smol_llm, ["a a a a a a a a"],
+                SamplingParams(temperature=0.0, max_tokens=16, repetition_penalty=2.0))[0]
+    assert rep.token_ids != base.token_ids
+    freq = texts(smol_llm, [PROMPT], SamplingParams(temperature=0.0, max_tokens=32,
+                                                   frequency_penalty=2.0, ignore_eos=True))[0]
+    assert len(set(freq.token_ids)) >= len(set(texts(smol_llm, [PROMPT], SamplingParams(
+        temperature=0.0, max_tokens=32, ignore_eos=True))[0].token_ids))
+    # min_p=1 keeps only the most likely token: equal to greedy
+    minp = texts(smol_llm, [PROMPT], SamplingParams(temperature=1.0, min_p=1.0, max_tokens=16, seed=3))[0]
+    greedy = texts(smol_llm, [PROMPT], SamplingParams(temperature=0.0, max_tokens=16))[0]
+    assert minp.token_ids == greedy.token_ids
+
+
+def test_stop_string_across_tokens_is_cut(smol_llm):
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    full = texts(smol_llm, [PROMPT], params)[0]
+    # a stop string straddling a token boundary, from the middle of the text
+    stop = full.text[10:17]
+    cut = texts(smol_llm, [PROMPT], SamplingParams(temperature=0.0, max_tokens=40, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    kept = texts(smol_llm, [PROMPT], SamplingParams(temperature=0.0, max_tokens=40, stop=stop,
+                                                    include_stop_str_in_output=True))[0]
+    assert kept.text == full.text[: full.text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_max_tokens_min_tokens(smol_llm):
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    full = texts(smol_llm, [PROMPT], params)[0]
+    stop_tok = full.token_ids[5]
+    out = texts(smol_llm, [PROMPT], SamplingParams(temperature=0.0, max_tokens=20,
+                                                   stop_token_ids=[stop_tok]))[0]
+    first = full.token_ids.index(stop_tok)
+    assert out.token_ids == full.token_ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    # min_tokens: eos suppressed until 30 tokens exist
+    chat = smol_llm.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+    short = texts(smol_llm, [chat], SamplingParams(temperature=0.0, max_tokens=60))[0]
+    assert short.finish_reason == "stop" and len(short.token_ids) < 30
+    longer = texts(smol_llm, [chat], SamplingParams(temperature=0.0, max_tokens=60, min_tokens=30))[0]
+    assert len(longer.token_ids) >= 30
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(n=0), "n"), (dict(top_k=-3), "top_k"), (dict(max_tokens=0), "max_tokens"),
+    (dict(min_p=2.0), "min_p"), (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(logprobs=-1), "logprobs"),
+    (dict(n="2"), "n"), (dict(stop=[""]), "stop"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+])
+def test_invalid_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_raise_and_cost_nothing(smol_llm):
+    engine = smol_llm.engine
+    good = SamplingParams(temperature=0.0, max_tokens=8)
+    with pytest.raises(ValueError, match="empty"):
+        smol_llm.generate([PROMPT, ""], good, use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        smol_llm.generate([PROMPT, {"prompt_token_ids": [1, 2, 10**7]}], good, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        smol_llm.generate({"prompt_token_ids": [5] * (engine.max_model_len + 1)}, good, use_tqdm=False)
+    assert_no_leak(engine)
+    # the engine still serves normally afterwards
+    assert texts(smol_llm, [PROMPT], good)[0].token_ids
+
+
+def test_abort_mid_generation_frees_blocks(smol_llm):
+    engine = smol_llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    engine.add_request("keep", PROMPT, params)
+    engine.add_request("drop", "Another prompt that will be aborted", params)
+    engine.add_request("queued", "x", params)
+    for _ in range(3):
+        engine.step()
+    engine.abort_request(["drop", "queued", "unknown-id"])
+    finals = [o for _ in range(200) if engine.has_unfinished_requests() for o in engine.step()]
+    done = [o for o in finals if o.finished]
+    assert [o.request_id for o in done] == ["keep"] and len(done[0].outputs[0].token_ids) == 50
+    assert_no_leak(engine)
