@@ -6,11 +6,15 @@ Rules (each one is tested in tests/test_block_pool.py):
   so a later request with the same prefix can take it back ("touch") until it is evicted.
 - New blocks come from the free queue's head (least recently freed first); taking a block
   that still carries a hash evicts it from the prefix cache.
-- A block's hash chains its parent's hash with its own token ids; a hit also compares
-  the token ids, so a hash collision can never serve the wrong K/V.
+- A block's hash is a sha256 chaining its parent's hash with its own token ids, so equal
+  hashes mean equal whole prefixes; a hit also compares the block's own token ids.
+  (A weak hash such as Python's ``hash`` can be collided on purpose, letting one request
+  read K/V computed for another prompt.)
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,13 +24,13 @@ from dataclasses import dataclass
 class Block:
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None
+    block_hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None  # set while the block is in the prefix cache
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Chained hash of one full block: equal hashes mean equal whole prefixes (up to collisions)."""
-    return hash((parent_hash, tuple(token_ids)))
+def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """Chained sha256 of one full block: equal hashes mean equal whole prefixes."""
+    return hashlib.sha256((parent_hash or b"") + array("q", token_ids).tobytes()).digest()
 
 
 class BlockPool:
@@ -38,7 +42,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Block ids with ref_cnt == 0, in eviction order (head = evict first).
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, Block] = {}  # block hash -> block
+        self.cached: dict[bytes, Block] = {}  # block hash -> block
         self.num_cache_queries = 0  # full blocks looked up
         self.num_cache_hits = 0
 
@@ -79,7 +83,7 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = None
 
-    def lookup(self, block_hash: int, token_ids: Sequence[int]) -> Block | None:
+    def lookup(self, block_hash: bytes, token_ids: Sequence[int]) -> Block | None:
         self.num_cache_queries += 1
         block = self.cached.get(block_hash)
         if block is None or block.token_ids != tuple(token_ids):
@@ -87,7 +91,7 @@ class BlockPool:
         self.num_cache_hits += 1
         return block
 
-    def cache_block(self, block: Block, block_hash: int, token_ids: Sequence[int]) -> None:
+    def cache_block(self, block: Block, block_hash: bytes, token_ids: Sequence[int]) -> None:
         """Publish a full block under its chained hash (first writer wins on duplicates)."""
         if not self.enable_caching or block.block_hash is not None or block_hash in self.cached:
             return

@@ -94,7 +94,9 @@ class Scheduler:
             req = self.waiting[0]
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit_tokens, budget)
-            num_blocks_needed = -(-(num_hit_tokens + num_new) // self.kv_cache.block_size)
+            # Hits still referenced by others cost nothing; unreferenced hits leave the free queue.
+            num_blocks_needed = (-(-(num_hit_tokens + num_new) // self.kv_cache.block_size)
+                                 - len(hits) + sum(1 for b in hits if b.ref_cnt == 0))
             if (self.running and self.kv_cache.num_free_blocks - num_blocks_needed
                     < self.watermark_blocks):
                 break

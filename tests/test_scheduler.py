@@ -27,21 +27,21 @@ def make_sched(num_blocks: int = 64, block_size: int = 16, max_num_seqs: int = 8
     return Scheduler(KVCacheManager(num_blocks, block_size, caching), max_num_seqs, budget, **kw)
 
 
-def step(sched: Scheduler, token: int = TOKEN):
+def step(sched: Scheduler):
     """One engine step; returns [(rid, num_tokens)], the rids that sampled, the preempted rids."""
     out = sched.schedule()
     scheduled = [(s.request.request_id, s.num_tokens) for s in out.scheduled]
-    sampling = [s.request.request_id for s in out.scheduled if s.samples]
-    sched.update_from_output(out, {rid: token for rid in sampling})
+    sampling = [s.request.request_id for s in out.scheduled if s.samples]  # before the update
+    sched.update_from_output(out, {rid: TOKEN for rid in sampling})
     return scheduled, sampling, [r.request_id for r in out.preempted]
 
 
-def run_to_end(sched: Scheduler, max_steps: int = 100) -> list[list[tuple[str, int]]]:
-    steps = []
-    while sched.has_unfinished:
-        assert len(steps) < max_steps
-        steps.append(step(sched)[0])
-    return steps
+def run_to_end(sched: Scheduler, max_steps: int = 100) -> None:
+    for _ in range(max_steps):
+        if not sched.has_unfinished:
+            return
+        step(sched)
+    assert not sched.has_unfinished
 
 
 def assert_no_leak(sched: Scheduler) -> None:
@@ -108,15 +108,31 @@ def test_decodes_and_prefill_chunks_share_a_step():
     assert_no_leak(sched)
 
 
+def add_60_and_40_blocks(sched: Scheduler) -> None:
+    sched.add_request(make_req("a", 16 * 60, max_tokens=2))
+    sched.add_request(make_req("b", 16 * 40, max_tokens=1, start=5000))
+
+
 def test_watermark_keeps_spare_blocks_while_others_run():
     sched = make_sched(num_blocks=100, budget=2000)  # watermark 1% of 100 = 1 block
     assert sched.watermark_blocks == 1
-    sched.add_request(make_req("a", 16 * 60, max_tokens=2))
-    sched.add_request(make_req("b", 16 * 40, max_tokens=1, start=5000))  # exactly the rest
+    add_60_and_40_blocks(sched)  # b needs exactly the 40 blocks a leaves
     assert step(sched)[0] == [("a", 960)]
     assert step(sched)[0] == [("a", 1)]  # a finishes here
     assert step(sched)[0] == [("b", 640)]  # alone it may use every block
     assert_no_leak(sched)
+
+    sched = make_sched(num_blocks=100, budget=2000, watermark=0.0)
+    add_60_and_40_blocks(sched)
+    assert step(sched)[0] == [("a", 960), ("b", 640)]
+
+
+def test_watermark_does_not_count_shared_hit_blocks():
+    sched = make_sched(num_blocks=4)  # watermark 0 blocks
+    sched.add_request(make_req("a", 40, max_tokens=5))
+    sched.add_request(make_req("b", 40, max_tokens=5))  # an n=2 sibling: same prompt
+    # a: 3 blocks. b: hits a's 2 full blocks and needs only 1 more, which is free.
+    assert step(sched)[0] == [("a", 40), ("b", 8)]
 
 
 # ---- prefix hits through the scheduler ------------------------------------------------------
@@ -146,48 +162,67 @@ def test_requests_admitted_together_hit_each_others_blocks():
 # ---- preemption -------------------------------------------------------------------------------
 
 def test_preemption_frees_the_newest_and_the_oldest_keeps_going():
-    # 4 blocks of 4 slots: two 6-token prompts fill them; a's 9th token needs a fifth block.
+    # 4 blocks of 4 slots: two 6-token prompts fill them at 8 tokens each.
     sched = make_sched(num_blocks=4, block_size=4, caching=False)
-    a, b = make_req("a", 6, max_tokens=4), make_req("b", 6, max_tokens=4, start=2000)
+    a, b = make_req("a", 6, max_tokens=5), make_req("b", 6, max_tokens=5, start=2000)
     sched.add_request(a)
     sched.add_request(b)
     assert step(sched) == ([("a", 6), ("b", 6)], ["a", "b"], [])
     assert step(sched) == ([("a", 1), ("b", 1)], ["a", "b"], [])
+    assert step(sched) == ([("a", 1), ("b", 1)], ["a", "b"], [])
     assert sched.kv_cache.num_free_blocks == 0
 
-    assert step(sched) == ([("a", 1)], ["a"], ["b"])
+    assert step(sched) == ([("a", 1)], ["a"], ["b"])  # a's 9th token needs a fifth block
     assert b.status is RequestStatus.PREEMPTED and b.num_preemptions == 1
-    assert b.num_computed_tokens == 0 and b.num_tokens == 8
+    assert b.num_computed_tokens == 0 and b.num_tokens == 9
     assert list(sched.waiting) == [b] and sched.running == [a]
     assert num_blocks_of(sched, "b") == 0 and num_blocks_of(sched, "a") == 3
     assert sched.num_preemptions == 1
 
-    assert step(sched) == ([("a", 1)], ["a"], [])  # b needs 2 blocks, 1 is free
+    assert step(sched) == ([("a", 1)], ["a"], [])  # b needs 3 blocks, 1 is free
     assert a.status is RequestStatus.FINISHED_LENGTH
-    assert step(sched) == ([("b", 8)], ["b"], [])  # prompt + 2 outputs recomputed
+    assert step(sched) == ([("b", 9)], ["b"], [])  # prompt + 3 outputs recomputed
     assert step(sched) == ([("b", 1)], ["b"], [])
-    assert a.num_output_tokens == b.num_output_tokens == 4
+    assert a.num_output_tokens == b.num_output_tokens == 5
     assert b.status is RequestStatus.FINISHED_LENGTH and b.num_cached_tokens == 0
     assert_no_leak(sched)
 
 
 def test_no_admission_in_a_step_that_preempted():
-    # a and b share every block but their last: b's readmission would fit at once.
+    # b's second prefill chunk does not fit, but its first chunk again would.
+    sched = make_sched(num_blocks=4, block_size=4, budget=8, caching=False)
+    a, b = make_req("a", 4, max_tokens=3), make_req("b", 12, max_tokens=2, start=2000)
+    sched.add_request(a)
+    sched.add_request(b)
+    assert step(sched) == ([("a", 4), ("b", 4)], ["a"], [])
+    assert step(sched) == ([("a", 1)], ["a"], ["b"])  # b (7 tokens) needs 2 blocks, 1 free
+    assert b.num_computed_tokens == 0 and list(sched.waiting) == [b]
+    assert sched.kv_cache.num_free_blocks == 2
+    assert step(sched) == ([("a", 1), ("b", 7)], ["a"], [])
+    assert step(sched) == ([("b", 5)], ["b"], [])
+    assert step(sched) == ([("b", 1)], ["b"], [])
+    assert b.status is RequestStatus.FINISHED_LENGTH and b.num_preemptions == 1
+    assert_no_leak(sched)
+
+
+def test_preempted_request_shares_its_prefix_again():
+    # a and b share every block but their last.
     sched = make_sched(num_blocks=4, block_size=4)
     a, b = make_req("a", 6, max_tokens=5), make_req("b", 6, max_tokens=5)
     sched.add_request(a)
     sched.add_request(b)
-    assert step(sched)[0] == [("a", 6), ("b", 4)]  # b hits a's first block
+    assert step(sched)[0] == [("a", 6), ("b", 2)]  # b hits a's first block
     assert step(sched)[0] == [("a", 1), ("b", 1)]
     assert step(sched)[0] == [("a", 1), ("b", 1)]
-    sched.add_request(make_req("c", 1, max_tokens=1, start=3000))
+    c = make_req("c", 1, max_tokens=1, start=3000)
+    sched.add_request(c)
     assert step(sched) == ([("a", 1)], ["a"], ["b"])  # b itself ran out of blocks
     assert [r.request_id for r in sched.waiting] == ["b", "c"]
     assert sched.kv_cache.num_free_blocks == 1
-    assert step(sched)[0] == [("a", 1), ("b", 1)]  # b: 8 of 9 tokens hit a's blocks
-    assert b.num_preemptions == 1 and b.num_computed_tokens == 9
-    assert run_to_end(sched) == [[("a", 1), ("b", 1)], [("c", 1)]]
+    run_to_end(sched)
     assert a.token_ids == b.token_ids and b.num_output_tokens == 5
+    assert b.num_preemptions == 1 and c.num_output_tokens == 1
+    assert b.num_cached_tokens == 4  # counted at first admission, not at readmission
     assert_no_leak(sched)
 
 
@@ -212,8 +247,8 @@ def test_max_tokens_finishes_with_length_and_frees_blocks():
     step(sched)
     assert a.status is RequestStatus.RUNNING and sched.kv_cache.num_free_blocks == 6
     step(sched)
-    assert a.status is RequestStatus.FINISHED_LENGTH and a.finish_reason if False else True
-    assert a.status.finish_reason == "length" and a.output_token_ids == [TOKEN, TOKEN]
+    assert a.status is RequestStatus.FINISHED_LENGTH and a.status.finish_reason == "length"
+    assert a.output_token_ids == [TOKEN, TOKEN]
     assert_no_leak(sched)
 
 
@@ -277,11 +312,11 @@ def test_abort_waiting_and_running_requests():
 
 def test_abort_a_preempted_request():
     sched = make_sched(num_blocks=4, block_size=4, caching=False)
-    sched.add_request(make_req("a", 6, max_tokens=4))
-    sched.add_request(make_req("b", 6, max_tokens=4, start=2000))
+    sched.add_request(make_req("a", 6, max_tokens=5))
+    sched.add_request(make_req("b", 6, max_tokens=5, start=2000))
     for _ in range(3):
-        _, _, preempted = step(sched)
-    assert preempted == ["b"]
+        step(sched)
+    assert step(sched)[2] == ["b"]
     assert sched.finish_request("b", RequestStatus.FINISHED_ABORTED) is not None
     run_to_end(sched)
     assert_no_leak(sched)
@@ -328,7 +363,7 @@ def test_random_workload_keeps_invariants(seed):
                        budget=rng.choice([8, 16, 33]), caching=seed % 2 == 0)
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     reqs, aborted = [], set()
-    for i in range(400):
+    for _ in range(400):
         if len(reqs) < 25 and rng.random() < 0.3:
             prompt = (rng.choice(prefixes) + [rng.randrange(50) for _ in range(18)])
             prompt = prompt[:rng.randint(1, 30)]
@@ -340,12 +375,14 @@ def test_random_workload_keeps_invariants(seed):
             rid = rng.choice(sorted(sched.requests))
             sched.finish_request(rid, RequestStatus.FINISHED_ABORTED)
             aborted.add(rid)
+        was_running = {r.request_id for r in sched.running}
         out = sched.schedule()
         scheduled = [(s.request.request_id, s.num_tokens) for s in out.scheduled]
         sampled = {s.request.request_id: rng.randrange(40) for s in out.scheduled if s.samples}
-        assert not (out.preempted and any(
-            s.request.num_computed_tokens == 0 and s.request in out.preempted
-            for s in out.scheduled))
+        preempted = {r.request_id for r in out.preempted}
+        assert preempted <= was_running and not preempted & {r for r, _ in scheduled}
+        if preempted:  # nobody admitted in a step that preempted
+            assert {r for r, _ in scheduled} <= was_running
         sched.update_from_output(out, sampled)
         check_invariants(sched, scheduled)
         if len(reqs) == 25 and not sched.has_unfinished:
