@@ -9,7 +9,7 @@ from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
-from .tokenizer import normalize_messages
+from .tokenizer import render_chat
 
 
 class LLM:
@@ -55,14 +55,8 @@ class LLM:
 
     def render_chat(self, messages, add_generation_prompt: bool = True,
                     chat_template_kwargs: dict | None = None) -> dict:
-        tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template.")
-        text = tok.apply_chat_template(normalize_messages(messages), tokenize=False,
-                                       add_generation_prompt=add_generation_prompt,
-                                       **(chat_template_kwargs or {}))
-        # The template already spells out special tokens such as BOS.
-        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        return render_chat(self.engine.tokenizer, messages, add_generation_prompt,
+                           chat_template_kwargs)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(ids)

@@ -187,8 +187,10 @@ class LLMEngine:
             self.parents.pop(parent.request_id, None)
             for req in parent.children:
                 self._drop_child(req)
+        first = parent.children[0]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
-                             finished, parent.children[0].num_cached_tokens)
+                             finished, first.num_cached_tokens, first.arrival_time,
+                             first.first_scheduled_time)
 
     def _drop_child(self, req: Request) -> None:
         self.detokenizers.pop(req.request_id, None)

@@ -38,3 +38,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    arrival_time: float | None = None  # time.monotonic() stamps, for metrics
+    first_scheduled_time: float | None = None

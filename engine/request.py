@@ -65,6 +65,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None  # for queue-time metrics
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
         limit = sampling_params.max_tokens
         if max_model_len is not None:

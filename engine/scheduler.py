@@ -7,6 +7,7 @@ preempted (blocks freed, recomputed later from its prompt + output so far).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -106,6 +107,7 @@ class Scheduler:
             req.num_computed_tokens = num_hit_tokens
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_hit_tokens
+                req.first_scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))

@@ -49,3 +49,15 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts.")
         out.append({**m, "content": content})
     return out
+
+
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True,
+                chat_template_kwargs: dict | None = None) -> dict:
+    """{"prompt", "prompt_token_ids"} for a conversation, through the tokenizer's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template.")
+    text = tokenizer.apply_chat_template(normalize_messages(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt,
+                                         **(chat_template_kwargs or {}))
+    # The template already spells out special tokens such as BOS.
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

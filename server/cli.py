@@ -1,9 +1,99 @@
-"""The ``kvserve`` command: ``kvserve generate ...`` (``kvserve serve`` comes with the server)."""
+"""The ``kvserve`` command: ``kvserve serve`` (OpenAI-compatible HTTP) and ``kvserve generate``."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import logging
+import os
 import sys
+import tomllib
 
-USAGE = "usage: kvserve generate PROMPT [PROMPT ...] [options]   (kvserve generate -h for options)"
+USAGE = """usage: kvserve serve [--model PATH] [--host H] [--port P] [options]   (serve -h for all)
+       kvserve generate PROMPT [PROMPT ...] [options]                (generate -h for all)"""
+
+SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requests",
+               "request_timeout", "max_body_bytes", "log_level")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvserve serve", description="OpenAI-compatible server.")
+    p.add_argument("--config", help="TOML file of defaults (see configs/); flags override it")
+    p.add_argument("--model", help="HF directory or .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="name clients use (default: from the model path)")
+    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
+    p.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="queue bound; beyond it requests get 503 + Retry-After")
+    p.add_argument("--request-timeout", type=float, help="seconds before a request is aborted")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--dtype")
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--kv-cache-memory-bytes", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--num-kv-blocks", type=int)
+    p.add_argument("--attention-backend")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", default=None)
+    return p
+
+
+def load_settings(argv: list[str]) -> tuple[dict, dict]:
+    """(engine kwargs, server kwargs): TOML config first, then explicit flags."""
+    from engine.config import EngineConfig
+
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    merged: dict = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            merged.update(tomllib.load(f))
+    defaults = vars(parser.parse_args([]))
+    for key, value in vars(args).items():
+        if key != "config" and (value != defaults[key] or key not in merged):
+            merged[key] = value
+    engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = set(merged) - engine_keys - set(SERVER_KEYS)
+    if unknown:
+        parser.error(f"unknown settings in config: {', '.join(sorted(unknown))}")
+    engine_kwargs = {k: v for k, v in merged.items() if k in engine_keys and v is not None}
+    server_kwargs = {k: merged[k] for k in SERVER_KEYS if k in merged}
+    return engine_kwargs, server_kwargs
+
+
+def serve(argv: list[str]) -> int:
+    import uvicorn
+
+    from engine.async_engine import AsyncLLMEngine
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    from .app import ServerSettings, build_app
+
+    engine_kwargs, srv = load_settings(argv)
+    logging.basicConfig(level=srv.get("log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(EngineConfig(**engine_kwargs))
+    name = srv.get("served_model_name") or _default_name(engine_kwargs.get("model"))
+    settings = ServerSettings(served_model_name=name, api_key=srv.get("api_key"),
+                              request_timeout=srv.get("request_timeout"),
+                              max_body_bytes=srv.get("max_body_bytes", 8 << 20))
+    app = build_app(AsyncLLMEngine(engine, srv.get("max_waiting_requests")), settings)
+    uvicorn.run(app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
+                log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5)
+    return 0
+
+
+def _default_name(model: str | None) -> str:
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    base = os.path.basename(os.path.normpath(model))
+    return base[:-5] if base.endswith(".gguf") else base
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve(rest)
     if command == "generate":
         from engine.generate import main as generate_main
         return generate_main(rest)

@@ -1,0 +1,187 @@
+"""AsyncLLMEngine: one background loop stepping the engine, one async stream per request.
+
+The model runs in a single worker thread, so the event loop stays responsive. All engine
+mutation happens on that thread: ``generate`` validates on the caller's side (so bad input
+fails at once, costing nothing), then hands the request over through a locked inbox that
+the worker drains before each step; aborts go the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from .llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has died; no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._inbox_lock = threading.Lock()
+        self._adds: list[tuple[str, dict, SamplingParams, float | None]] = []
+        self._aborts: list[str] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvserve-engine")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.dead_error: BaseException | None = None
+        self.stats = engine.get_stats()  # refreshed by the worker after every step
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
+        self._executor.shutdown(wait=True)
+
+    @property
+    def is_running(self) -> bool:
+        return self._task is not None and not self._task.done() and self.dead_error is None
+
+    @property
+    def num_waiting(self) -> int:
+        return self.stats["num_waiting"] + len(self._adds)
+
+    # ---- requests ----------------------------------------------------------------------
+    def validate(self, prompt) -> dict:
+        """Tokenize and check a prompt; returns {"prompt", "prompt_token_ids"} or raises ValueError."""
+        text, ids = self.engine.tokenize(prompt)
+        self.engine.validate_prompt(ids)
+        return {"prompt": text, "prompt_token_ids": ids}
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams,
+                    arrival_time: float | None = None) -> "RequestStream":
+        """Queue a request and return its stream; raises at once on bad input, a full
+        queue or a dead engine, so callers can answer before starting a response."""
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running") from self.dead_error
+        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"{self.num_waiting} requests are already waiting")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        checked = self.validate(prompt)
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = stream.queue
+        with self._inbox_lock:
+            self._adds.append((request_id, checked, params, arrival_time))
+        self._wake.set()
+        return stream
+
+    async def generate(self, request_id: str, prompt, params: SamplingParams,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs until finished; leaving early aborts the request."""
+        stream = self.add_request(request_id, prompt, params, arrival_time)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def _forget(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._inbox_lock:
+            self._aborts.append(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    # ---- the loop ----------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                outputs, errors = await loop.run_in_executor(self._executor, self._step)
+                for request_id, error in errors:
+                    self._deliver(request_id, error)
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
+            logger.exception("engine loop died")
+            self.dead_error = e
+            for queue in self._streams.values():
+                queue.put_nowait(EngineDeadError(f"engine loop died: {e!r}"))
+
+    def _has_work(self) -> bool:
+        return bool(self._adds or self._aborts or self.engine.has_unfinished_requests())
+
+    def _deliver(self, request_id: str, item) -> None:
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _step(self):
+        """Worker thread: apply the inbox, then run one engine step."""
+        with self._inbox_lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, []
+        errors = []
+        for request_id, prompt, params, arrival in adds:
+            try:
+                self.engine.add_request(request_id, prompt, params, arrival)
+            except ValueError as e:
+                errors.append((request_id, e))
+        if aborts:
+            self.engine.abort_request(aborts)
+        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        self.stats = self.engine.get_stats()
+        return outputs, errors
+
+
+class RequestStream:
+    """Async iterator over one request's cumulative outputs. ``close()`` (always call it,
+    e.g. in ``finally``) aborts the request if it has not finished, freeing its KV blocks."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.engine._forget(self.request_id, self.finished)

@@ -1,0 +1,186 @@
+"""OpenAI request parsing and response shapes; errors in OpenAI's format.
+
+Unknown fields are ignored (as OpenAI does); known fields of the wrong type are a 400
+naming the field.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from engine import SamplingParams
+from engine.outputs import CompletionOutput
+
+_MISSING = object()
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_field(name: str, message: str) -> APIError:
+    return APIError(400, message, param=name)
+
+
+def field(body: dict, name: str, kind: str, default=None):
+    """body[name] checked against kind: int, number, bool, str, dict, str_or_list."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    ok = {
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "dict": lambda v: isinstance(v, dict),
+        "str_or_list": lambda v: isinstance(v, str) or (
+            isinstance(v, list) and all(isinstance(s, str) for s in v)),
+        "int_list": lambda v: isinstance(v, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in v),
+    }[kind](value)
+    if not ok:
+        raise bad_field(name, f"'{name}' must be of type {kind.replace('_', ' ')}, got {value!r:.80}.")
+    return value
+
+
+SAMPLING_FIELDS = {
+    "temperature": "number", "top_p": "number", "top_k": "int", "min_p": "number", "n": "int",
+    "seed": "int", "presence_penalty": "number", "frequency_penalty": "number",
+    "repetition_penalty": "number", "ignore_eos": "bool", "min_tokens": "int",
+    "stop": "str_or_list", "stop_token_ids": "int_list", "skip_special_tokens": "bool",
+    "include_stop_str_in_output": "bool",
+}
+
+
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    kwargs = {}
+    for name, kind in SAMPLING_FIELDS.items():
+        value = field(body, name, kind)
+        if value is not None:
+            kwargs[name] = value
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_field("max_tokens", f"'max_tokens' must be at least 1, got {max_tokens}.")
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        raise bad_field(name if name in SAMPLING_FIELDS or name in ("max_tokens", "logprobs") else None,
+                        str(e)) from e
+
+
+@dataclass
+class StreamOptions:
+    include_usage: bool = False
+
+
+def stream_options(body: dict) -> StreamOptions:
+    opts = field(body, "stream_options", "dict", {})
+    return StreamOptions(bool(field(opts, "include_usage", "bool", False)))
+
+
+def completion_prompts(body: dict) -> list:
+    """The completions ``prompt``: str, list of str, token ids, or list of token-id lists."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad_field("prompt", "'prompt' is required.")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [{"prompt_token_ids": prompt}]
+        if all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in prompt):
+            return [{"prompt_token_ids": p} for p in prompt]
+    raise bad_field("prompt", "'prompt' must be a string, a list of strings, a list of token "
+                              "ids or a list of token-id lists, and not empty.")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def finish_reason(out: CompletionOutput) -> str | None:
+    return {"abort": "stop"}.get(out.finish_reason, out.finish_reason)
+
+
+# ---- logprobs --------------------------------------------------------------------------
+class TokenText:
+    """Token strings and raw bytes for logprobs (byte-level BPE tokens map back to bytes)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.byte_decoder = _byte_decoder()
+
+    def bytes(self, token_id: int) -> list[int]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is not None and all(c in self.byte_decoder for c in piece):
+            return [self.byte_decoder[c] for c in piece]
+        return list(self.text(token_id).encode("utf-8"))
+
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode table used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _ranked(entry: dict, n: int):
+    return sorted(((tid, lp) for tid, lp in entry.items() if lp.rank <= n), key=lambda x: x[1].rank)
+
+
+def chat_logprobs(tt: TokenText, token_ids: list[int], entries: list[dict], top_n: int) -> dict:
+    content = []
+    for tid, entry in zip(token_ids, entries):
+        lp = entry[tid]
+        content.append({
+            "token": tt.text(tid), "logprob": lp.logprob, "bytes": tt.bytes(tid),
+            "top_logprobs": [{"token": tt.text(t), "logprob": v.logprob, "bytes": tt.bytes(t)}
+                             for t, v in _ranked(entry, top_n)],
+        })
+    return {"content": content}
+
+
+def completion_logprobs(tt: TokenText, token_ids: list[int], entries: list[dict], top_n: int,
+                        offset: int) -> dict:
+    tokens, values, tops, offsets = [], [], [], []
+    for tid, entry in zip(token_ids, entries):
+        text = tt.text(tid)
+        tokens.append(text)
+        values.append(entry[tid].logprob)
+        tops.append({tt.text(t): v.logprob for t, v in _ranked(entry, top_n)})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
