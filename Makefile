@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Nothing is fetched from a model hub at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test generate clean
+.PHONY: setup test serve generate clean
 
 $(BIN)/kvserve:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ setup: $(BIN)/kvserve
 
 test: setup
 	$(BIN)/python -m pytest -x -q
+
+serve: setup
+	$(BIN)/kvserve serve --host 127.0.0.1 --port 8000
 
 generate: setup
 	$(BIN)/kvserve generate "Write a haiku about paged memory."

@@ -77,11 +77,11 @@ class AsyncLLMEngine:
         queue or a dead engine, so callers can answer before starting a response."""
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running") from self.dead_error
-        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
-            raise QueueFullError(f"{self.num_waiting} requests are already waiting")
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use.")
-        checked = self.validate(prompt)
+        checked = self.validate(prompt)  # bad input is a 400 even when the queue is full
+        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"{self.num_waiting} requests are already waiting")
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream.queue
         with self._inbox_lock:

@@ -5,7 +5,7 @@
     key_cache     [num_blocks, block_size, KVH, D]
 
 One program stores BLOCK_T tokens; each token's KVH x D row is one flattened column range
-c = h * D_PADDED + d (D padded to a power of two and masked):
+c = h * D_PADDED + d (D and KVH padded to powers of two and masked):
 
     token t  --slot_mapping[t]-->  block = slot // block_size, offset = slot % block_size
     key[t, h, d]  ->  key_cache + block * stride_b + offset * stride_s + h * stride_h + d
@@ -33,6 +33,7 @@ def _store_kv_kernel(
     stride_cb, stride_cs, stride_ch,
     stride_db, stride_ds, stride_dh,
     NUM_KV_HEADS: tl.constexpr,
+    KV_HEADS_PADDED: tl.constexpr,  # next power of two >= NUM_KV_HEADS
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -45,10 +46,10 @@ def _store_kv_kernel(
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
 
-    cols = tl.arange(0, NUM_KV_HEADS * HEAD_DIM_PADDED)
+    cols = tl.arange(0, KV_HEADS_PADDED * HEAD_DIM_PADDED)
     head = (cols // HEAD_DIM_PADDED).to(tl.int64)
     dim = cols % HEAD_DIM_PADDED
-    mask = tok_ok[:, None] & (dim < HEAD_DIM)[None, :]
+    mask = tok_ok[:, None] & ((dim < HEAD_DIM) & (head < NUM_KV_HEADS))[None, :]
     tok64 = toks.to(tl.int64)
 
     k = tl.load(key_ptr + tok64[:, None] * stride_kt + head[None, :] * stride_kh + dim[None, :],
@@ -100,16 +101,14 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
         return
     head_dim_padded = triton.next_power_of_2(head_dim)
     kvh_padded = triton.next_power_of_2(num_kv_heads)
-    if kvh_padded != num_kv_heads:  # keep the flattened column range a power of two
-        raise ValueError(f"num_kv_heads must be a power of two for store_kv, got {num_kv_heads}.")
-    width = num_kv_heads * head_dim_padded
+    width = kvh_padded * head_dim_padded
     block_t = max(1, min(16, 4096 // width))
-    block_t = min(block_t, triton.next_power_of_2(num_tokens))
     _store_kv_kernel[(triton.cdiv(num_tokens, block_t),)](
         key, value, key_cache, value_cache, slot_mapping, num_tokens,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+        NUM_KV_HEADS=num_kv_heads, KV_HEADS_PADDED=kvh_padded, HEAD_DIM=head_dim,
+        HEAD_DIM_PADDED=head_dim_padded,
         BLOCK_SIZE=key_cache.shape[1], BLOCK_T=block_t, num_warps=4,
     )

@@ -187,8 +187,9 @@ def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
 def check_kernel_device(device: torch.device) -> None:
     if device.type != "cuda" and not is_interpreted():
         raise ValueError(
-            f"the Triton kernels need CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 "
-            "before triton is first imported to run them in the interpreter.")
+            f"the Triton kernels need CUDA tensors (got {device}); to run them on CPU in the "
+            "Triton interpreter, set TRITON_INTERPRET=1 before the kernels module is first "
+            "imported (the kernels are defined at import time).")
 
 
 def _check_index(name: str, t: torch.Tensor, ndim: int) -> None:

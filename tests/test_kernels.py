@@ -1,0 +1,358 @@
+"""The Triton kernels (kernels/paged_attention.py, kernels/kv_store.py) against the torch
+reference (kernels/reference.py).
+
+On CUDA they run natively; on CPU they run in the Triton interpreter, which is enabled here
+before the kernel modules are imported (the kernels are defined at import time, so the
+variable must be set before that; every other test module leaves kernels.* alone, except
+test_triton_engine.py, which sets it the same way).
+
+Pools are poisoned with NaN everywhere except the slots a sequence owns, and block-table
+padding points at poisoned blocks, so a kernel that reads one key or value it should have
+masked out returns NaN rows (checked explicitly before the tolerance comparison).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernels import reference  # noqa: E402
+from kernels.kv_store import store_kv  # noqa: E402
+from kernels.paged_attention import is_interpreted, paged_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+pytestmark = pytest.mark.skipif(
+    not ON_CUDA and not is_interpreted(),
+    reason="kernels.paged_attention was imported before TRITON_INTERPRET=1 was set")
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# (atol, rtol) of the kernel output against the fp32 reference on the same (rounded) inputs.
+# bf16/fp16: the output is rounded to the input dtype and P is rounded before P @ V.
+TOL = {F32: (1e-5, 1e-4), BF16: (1e-2, 1e-2), F16: (2e-3, 2e-3)}
+
+# (query_len, seq_len) per sequence: decodes, prefill chunks on cached context, fresh prefills,
+# lengths on and around block boundaries.
+MIXED = [(1, 200), (5, 18), (37, 101), (1, 1), (2, 33), (16, 16), (1, 64)]
+DECODES = [(1, n) for n in (1, 15, 16, 17, 100, 257, 64, 33)]
+BIG = [(1, 1328), (5, 18), (129, 463), (1, 70), (3, 3)]
+
+
+@dataclass
+class Batch:
+    query: torch.Tensor          # [T, H, D]
+    key_cache: torch.Tensor      # [NB, BS, KVH, D] (view of a [2, NB, ...] pool, like the engine)
+    value_cache: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor   # [B, max_blocks] int32, padding -> a poisoned block
+    qsl: list[int]
+    lens: list[int]
+    head_dim: int
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
+
+
+def make_batch(cases, num_kv_heads, ratio, head_dim, block_size, dtype, *, seed=0,
+               num_blocks=None, strided_query=False) -> Batch:
+    """Random K/V for every slot the sequences own, NaN in every other slot.
+
+    With ``num_blocks`` the pool is left uninitialised (it may be far larger than memory
+    would allow to fill) and the sequences take block ids from the top of it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [-(-s // block_size) for _, s in cases]
+    needed = sum(per_seq) + 1  # + one poisoned block for table padding
+    shape = (block_size, num_kv_heads, head_dim)
+    if num_blocks is None:
+        num_blocks = 2 * needed + 3
+        pool = torch.full((2, num_blocks, *shape), float("nan"), dtype=dtype, device=DEVICE)
+        ids = torch.randperm(num_blocks, generator=g)[:needed]
+    else:
+        pool = torch.empty((2, num_blocks, *shape), dtype=dtype, device=DEVICE)
+        top = torch.arange(num_blocks - 2 * needed, num_blocks)
+        ids = top[torch.randperm(len(top), generator=g)[:needed]]
+        pool[:, top.to(DEVICE)] = float("nan")
+    key_cache, value_cache = pool[0], pool[1]
+    pad_id = int(ids[-1])
+    tables = torch.full((len(cases), max(per_seq) + 2), pad_id, dtype=torch.int32)
+    start = 0
+    for i, (_, seq_len) in enumerate(cases):
+        own = ids[start:start + per_seq[i]]
+        start += per_seq[i]
+        tables[i, :len(own)] = own.int()
+        pos = torch.arange(seq_len)
+        blk, off = own[pos // block_size].to(DEVICE), (pos % block_size).to(DEVICE)
+        key_cache[blk, off] = torch.randn(seq_len, *shape[1:], generator=g).to(DEVICE, dtype)
+        value_cache[blk, off] = torch.randn(seq_len, *shape[1:], generator=g).to(DEVICE, dtype)
+    qsl = [0]
+    for q_len, _ in cases:
+        qsl.append(qsl[-1] + q_len)
+    num_heads = num_kv_heads * ratio
+    if strided_query:  # token stride != H * D, as for a slice of a fused projection
+        wide = torch.randn(qsl[-1], num_heads * head_dim + 24, generator=g)
+        query = wide.to(DEVICE, dtype)[:, :num_heads * head_dim].view(-1, num_heads, head_dim)
+    else:
+        query = torch.randn(qsl[-1], num_heads, head_dim, generator=g).to(DEVICE, dtype)
+    lens = [s for _, s in cases]
+    return Batch(query, key_cache, value_cache,
+                 torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+                 torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                 tables.to(DEVICE), qsl, lens, head_dim)
+
+
+def reference_output(b: Batch, sliding_window=None) -> torch.Tensor:
+    """fp32 reference on a compact copy of the blocks the tables name (poison -> 0, since
+    the reference's padded decode batch multiplies masked V rows by 0)."""
+    ids = torch.unique(b.block_tables.long())
+    compact_tables = torch.searchsorted(ids, b.block_tables.long()).int()
+    kc = b.key_cache[ids].float().nan_to_num()
+    vc = b.value_cache[ids].float().nan_to_num()
+    return reference.paged_attention(b.query.float(), kc, vc, b.qsl, b.lens, compact_tables,
+                                     b.scale, sliding_window)
+
+
+def run_kernel(b: Batch, sliding_window=None, out=None) -> torch.Tensor:
+    return paged_attention(b.query, b.key_cache, b.value_cache, b.query_start_loc, b.seq_lens,
+                           b.block_tables, b.scale, sliding_window, out=out)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    bad = ~torch.isfinite(out)
+    assert not bad.any(), f"{int(bad.sum())} non-finite outputs: a masked key/value was read"
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+
+
+def _p(kvh, ratio, head_dim, block_size, dtype, window, cases, name, slow=False):
+    marks = [pytest.mark.slow] if slow else []
+    return pytest.param(kvh, ratio, head_dim, block_size, dtype, window, cases,
+                        id=f"{name}-kvh{kvh}-r{ratio}-d{head_dim}-bs{block_size}-"
+                           f"{str(dtype)[6:]}-w{window}", marks=marks)
+
+
+# Each head_dim, block size, GQA ratio and dtype appears several times, not the full product.
+ATTN_CASES = [
+    _p(2, 1, 64, 16, F32, None, MIXED, "mixed"),
+    _p(2, 3, 48, 32, BF16, None, MIXED, "mixed"),
+    _p(1, 5, 80, 64, F16, None, MIXED, "mixed"),
+    _p(2, 4, 96, 16, F32, 24, MIXED, "mixed"),
+    _p(1, 1, 128, 32, BF16, 7, MIXED, "mixed"),
+    _p(3, 3, 96, 64, BF16, None, MIXED, "mixed"),
+    _p(2, 4, 48, 64, F32, None, DECODES, "decodes"),
+    _p(2, 5, 80, 16, BF16, 40, DECODES, "decodes"),
+    _p(1, 3, 128, 16, F16, None, DECODES, "decodes"),
+    _p(1, 8, 32, 16, F32, None, DECODES, "decodes"),   # tiny-model shapes: GQA 8, head_dim 32
+    _p(4, 1, 8, 16, F32, 48, MIXED, "mixed"),           # head_dim 8 (padded to 16)
+    _p(2, 4, 64, 16, F32, None, BIG, "big", slow=True),
+    _p(1, 3, 128, 32, BF16, 200, BIG, "big", slow=True),
+    _p(2, 5, 80, 64, F16, None, BIG, "big", slow=True),
+]
+
+
+@pytest.mark.parametrize("kvh,ratio,head_dim,block_size,dtype,window,cases", ATTN_CASES)
+def test_paged_attention_matches_reference(kvh, ratio, head_dim, block_size, dtype, window,
+                                           cases):
+    b = make_batch(cases, kvh, ratio, head_dim, block_size, dtype, seed=head_dim + block_size)
+    assert_matches(run_kernel(b, window), reference_output(b, window), dtype)
+
+
+@pytest.mark.parametrize("window", [1, 2, 17, 10_000])
+def test_sliding_window_edges(window):
+    """Window 1 = each query sees only itself; a window past the sequence = no window."""
+    cases = [(1, 90), (20, 60), (4, 4), (1, 2)]
+    b = make_batch(cases, 2, 2, 64, 16, F32, seed=window)
+    out = run_kernel(b, window)
+    assert_matches(out, reference_output(b, window), F32)
+    if window == 1:  # softmax over one key: the output is that key's value row
+        last = b.qsl[1] - 1  # the decode of sequence 0 at position 89
+        blk = b.block_tables[0, 89 // 16].long()
+        v = b.value_cache[blk, 89 % 16]  # [KVH, D]
+        torch.testing.assert_close(out[last], v.repeat_interleave(2, dim=0))
+
+
+def test_strided_query_and_preallocated_out():
+    """Query with a token stride wider than H * D; rows of `out` past the last sequence
+    (padding tokens) are left untouched."""
+    b = make_batch(MIXED, 2, 3, 64, 32, F32, seed=7, strided_query=True)
+    assert b.query.stride(0) != b.query.shape[1] * b.query.shape[2]
+    num_tokens = b.query.shape[0]
+    out = torch.full((num_tokens + 3, *b.query.shape[1:]), 123.0, device=DEVICE)
+    padded_query = torch.cat([b.query, torch.zeros_like(b.query[:3])])
+    res = paged_attention(padded_query, b.key_cache, b.value_cache, b.query_start_loc,
+                          b.seq_lens, b.block_tables, b.scale, out=out)
+    assert res is out
+    assert_matches(out[:num_tokens], reference_output(b), F32)
+    assert (out[num_tokens:] == 123.0).all()
+
+
+def test_zero_length_padding_sequence_attends_to_nothing():
+    """A padding sequence (query_len 1, seq_len 0, table pointing at a poisoned block) — how
+    the engine pads a CUDA-graph batch — produces zeros and disturbs no one else."""
+    b = make_batch([(1, 40), (1, 1), (3, 9)], 2, 2, 64, 16, F32, seed=3)
+    b.seq_lens[1] = 0
+    out = run_kernel(b)
+    assert torch.isfinite(out).all()
+    assert (out[1] == 0).all()
+    ref = reference_output(b)
+    assert_matches(out[[0, 2, 3, 4]], ref[[0, 2, 3, 4]], F32)
+
+
+def test_block_tables_shared_prefix_blocks():
+    """Two sequences reading the same physical blocks (a prefix-cache hit)."""
+    b = make_batch([(3, 50), (1, 50)], 1, 4, 64, 16, F32, seed=11)
+    b.block_tables[1, :3] = b.block_tables[0, :3]  # first 48 keys shared
+    ref = reference_output(b)
+    assert_matches(run_kernel(b), ref, F32)
+
+
+# ---- kv store ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kvh,head_dim,block_size,dtype", [
+    (1, 48, 16, F32), (2, 64, 32, BF16), (3, 80, 64, F16), (4, 128, 16, F32),
+    (2, 96, 16, BF16), (8, 8, 32, F32),
+])
+def test_store_kv_matches_reference(kvh, head_dim, block_size, dtype):
+    g = torch.Generator().manual_seed(kvh * head_dim)
+    num_tokens, num_blocks = 37, 9
+    # key / value as slices of a fused projection output: token stride > KVH * D
+    fused = torch.randn(num_tokens, 3 * kvh * head_dim, generator=g).to(DEVICE, dtype)
+    key = fused[:, kvh * head_dim:2 * kvh * head_dim].view(num_tokens, kvh, head_dim)
+    value = fused[:, 2 * kvh * head_dim:].view(num_tokens, kvh, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[torch.rand(num_tokens, generator=g) < 0.3] = -1  # padding tokens: not stored
+    slots = slots.to(DEVICE)
+    pool = torch.full((2, num_blocks, block_size, kvh, head_dim), float("nan"), dtype=dtype,
+                      device=DEVICE)
+    expected = pool.clone()
+    store_kv(key, value, pool[0], pool[1], slots)
+    reference.store_kv(key, value, expected[0], expected[1], slots)
+    torch.testing.assert_close(pool, expected, atol=0, rtol=0, equal_nan=True)
+    written = torch.isfinite(pool[0]).flatten(0, 1).flatten(1).all(1)  # per slot
+    assert int(written.sum()) == int((slots >= 0).sum())
+
+
+def test_store_then_attend_matches_reference_path():
+    """The backend's order: store the step's rows, then attend (prefill chunk on a context)."""
+    kvh, ratio, head_dim, block_size = 2, 2, 64, 16
+    b = make_batch([(6, 40), (1, 21)], kvh, ratio, head_dim, block_size, F32, seed=5)
+    # wipe the new tokens' slots, then write them back through store_kv
+    slots = []
+    for i, (q_len, seq_len) in enumerate([(6, 40), (1, 21)]):
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(int(b.block_tables[i, pos // block_size]) * block_size + pos % block_size)
+    slots = torch.tensor(slots, device=DEVICE)
+    flat_k = b.key_cache.view(-1, kvh, head_dim)
+    flat_v = b.value_cache.view(-1, kvh, head_dim)
+    new_k, new_v = flat_k[slots].clone(), flat_v[slots].clone()
+    flat_k[slots] = float("nan")
+    flat_v[slots] = float("nan")
+    store_kv(new_k, new_v, b.key_cache, b.value_cache, slots)
+    assert_matches(run_kernel(b), reference_output(b), F32)
+
+
+# ---- 64-bit offsets ----------------------------------------------------------------------
+
+def large_pool_check() -> None:
+    """Block ids whose element offset passes 2**31 (run in a subprocess: a 32-bit overflow
+    is an out-of-bounds access that would take the test process down, not fail a test).
+
+    The pool is 2**31 + elements of fp16 (4 GiB+ of address space) but only the blocks near
+    its top are ever written, so the memory actually touched stays small.
+    """
+    kvh, head_dim, block_size = 1, 64, 16
+    per_block = block_size * kvh * head_dim
+    num_blocks = 2**31 // per_block + 4096  # ~2.1M blocks
+    cases = [(1, 70), (9, 40), (1, 1)]
+    b = make_batch(cases, kvh, 4, head_dim, block_size, F16, seed=1, num_blocks=num_blocks)
+    assert int(b.block_tables.min()) * per_block >= 2**31
+    # store the last token of each sequence through the kernel, after wiping it
+    slots, rows = [], []
+    for i, (_, seq_len) in enumerate(cases):
+        pos = seq_len - 1
+        slots.append(int(b.block_tables[i, pos // block_size]) * block_size + pos % block_size)
+    slots = torch.tensor(slots, device=DEVICE)
+    flat_k = b.key_cache.view(-1, kvh, head_dim)
+    flat_v = b.value_cache.view(-1, kvh, head_dim)
+    rows = (flat_k[slots].clone(), flat_v[slots].clone())
+    flat_k[slots] = float("nan")
+    flat_v[slots] = float("nan")
+    store_kv(rows[0], rows[1], b.key_cache, b.value_cache, slots)
+    assert torch.equal(flat_k[slots], rows[0]) and torch.equal(flat_v[slots], rows[1])
+    assert_matches(run_kernel(b), reference_output(b), F16)
+    print("LARGE_POOL_OK")
+
+
+@pytest.mark.slow
+def test_large_pool_64bit_offsets():
+    code = "import test_kernels; test_kernels.large_pool_check()"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0 and "LARGE_POOL_OK" in proc.stdout, (
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+# ---- launcher validation -----------------------------------------------------------------
+
+def _valid_args():
+    b = make_batch([(2, 5), (1, 3)], 2, 2, 16, 16, F32)
+    return dict(query=b.query, key_cache=b.key_cache, value_cache=b.value_cache,
+                query_start_loc=b.query_start_loc, seq_lens=b.seq_lens,
+                block_tables=b.block_tables, scale=0.25)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(query=a["query"][0]), "query must be"),
+    (lambda a: a.update(key_cache=a["key_cache"][0]), "key_cache must be"),
+    (lambda a: a.update(value_cache=a["value_cache"][:, :8]), "value_cache shape"),
+    (lambda a: a.update(query=a["query"][..., :8]), "head_dim"),
+    (lambda a: a.update(query=a["query"][:, :3]), "multiple of num_kv_heads"),
+    (lambda a: a.update(query=a["query"].double()), "dtype"),
+    (lambda a: a.update(query=a["query"].half()), "dtypes differ"),
+    (lambda a: a.update(seq_lens=a["seq_lens"].float()), "seq_lens must be int32"),
+    (lambda a: a.update(block_tables=a["block_tables"].long()), "block_tables must be int32"),
+    (lambda a: a.update(query_start_loc=a["query_start_loc"][:-1]), "query_start_loc has"),
+    (lambda a: a.update(block_tables=a["block_tables"][:1]), "block_tables has"),
+    (lambda a: a.update(query=a["query"].transpose(1, 2).contiguous().transpose(1, 2)),
+     "contiguous in its last dimension"),
+    (lambda a: a.update(out=torch.empty(1, device=DEVICE)), "out must be"),
+    (lambda a: a.update(sliding_window=0), "sliding_window"),
+])
+def test_paged_attention_rejects_bad_input(change, match):
+    args = _valid_args()
+    paged_attention(**args)  # the unchanged arguments are accepted
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        paged_attention(**args)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(key=a["key"][0]), "key and value must"),
+    (lambda a: a.update(value=a["value"][:2]), "key and value must"),
+    (lambda a: a.update(key_cache=a["key_cache"][..., :8]), "key_cache and value_cache"),
+    (lambda a: a.update(slot_mapping=a["slot_mapping"][:2]), "slot_mapping must be"),
+    (lambda a: a.update(slot_mapping=a["slot_mapping"].float()), "slot_mapping must be int64"),
+    (lambda a: a.update(key=a["key"].half(), value=a["value"].half()), "dtype"),
+    (lambda a: a.update(key_cache=a["key_cache"].double(), value_cache=a["value_cache"].double()),
+     "cache dtype"),
+])
+def test_store_kv_rejects_bad_input(change, match):
+    args = dict(key=torch.zeros(3, 2, 16, device=DEVICE), value=torch.zeros(3, 2, 16, device=DEVICE),
+                key_cache=torch.zeros(4, 16, 2, 16, device=DEVICE),
+                value_cache=torch.zeros(4, 16, 2, 16, device=DEVICE),
+                slot_mapping=torch.tensor([0, -1, 5], device=DEVICE))
+    store_kv(**args)
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        store_kv(**args)

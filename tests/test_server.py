@@ -1,0 +1,294 @@
+"""A live `kvserve serve` on 127.0.0.1 (started here), driven by the official openai client
+and raw HTTP. Greedy answers must equal the engine's own output for the same request."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from engine import SamplingParams
+
+KEY = "sk-test-key"
+MODEL = "SmolLM2-135M-Instruct"
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+EMOJI = [{"role": "user", "content": "Reply with three emoji that describe happiness."}]
+CJK = [{"role": "user", "content": "Write the word 'hello' in Japanese characters."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smol_llm):  # smol_llm: the GGUF conversion is cached before the server starts
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--api-key", KEY,
+         "--log-level", "warning", "--max-num-seqs", "64"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not become healthy")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def engine_chat(llm, messages, **kw):
+    params = SamplingParams(temperature=0.0, **kw)
+    return llm.chat(messages, params, use_tqdm=False)[0].outputs
+
+
+def metric(base: str, name: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} missing")
+
+
+def test_chat_matches_engine(client, smol_llm):
+    resp = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=32)
+    expected = engine_chat(smol_llm, HELLO, max_tokens=32)[0]
+    assert resp.choices[0].message.content == expected.text
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage.completion_tokens == len(expected.token_ids)
+    assert resp.object == "chat.completion" and resp.model == MODEL
+
+
+def test_completions_match_engine(client, smol_llm):
+    prompts = ["The capital of France is", "1, 2, 3, 4,"]
+    resp = client.completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=12)
+    expected = smol_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == \
+           [e.outputs[0].text for e in expected]
+    echo = client.completions.create(model=MODEL, prompt=prompts[0], temperature=0, max_tokens=4, echo=True)
+    assert echo.choices[0].text.startswith(prompts[0])
+    ids = smol_llm.tokenizer.encode(prompts[0])
+    by_ids = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=12)
+    assert by_ids.choices[0].text == expected[0].outputs[0].text
+
+
+@pytest.mark.parametrize("messages", [HELLO, EMOJI, CJK], ids=["ascii", "emoji", "cjk"])
+def test_stream_equals_non_stream(client, messages):
+    full = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                 max_tokens=40, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    if messages is not HELLO:  # the test really did stream multi-byte characters
+        assert any(ord(ch) > 0x2000 for ch in full.choices[0].message.content)
+
+
+def test_completion_stream_equals_non_stream(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=24)
+    full = client.completions.create(**kw)
+    text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    assert text == full.choices[0].text
+
+
+def test_n_seed_stop(client, smol_llm):
+    kw = dict(model=MODEL, messages=HELLO, temperature=1.0, max_tokens=16, n=2, seed=11)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    stopped = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, stop=["France"])
+    expected = engine_chat(smol_llm, HELLO, stop=["France"], max_tokens=None)[0]
+    assert stopped.choices[0].message.content == expected.text and "France" not in expected.text
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_shapes(client, smol_llm):
+    resp = client.chat.completions.create(model=MODEL, messages=HELLO, temperature=0, max_tokens=6,
+                                          logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    expected = engine_chat(smol_llm, HELLO, max_tokens=6, logprobs=3)[0]
+    assert len(content) == len(expected.token_ids)
+    for item, tid, entry in zip(content, expected.token_ids, expected.logprobs):
+        assert item.logprob == pytest.approx(entry[tid].logprob, abs=1e-5)
+        assert len(item.top_logprobs) == 3 and item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert bytes(item.bytes).decode("utf-8", "replace") == item.token or "\ufffd" in item.token
+    assert "".join(bytes(b for i in content for b in i.bytes).decode()) == resp.choices[0].message.content
+    comp = client.completions.create(model=MODEL, prompt="The sky is", temperature=0, max_tokens=5, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == comp.choices[0].text and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_include_usage_only_when_asked(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "stream": True, "temperature": 0}
+
+    def events(extra):
+        with httpx.stream("POST", server + "/v1/completions", json={**body, **extra},
+                          headers=headers, timeout=60) as r:
+            data = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+        assert data[-1] == "[DONE]"
+        return [json.loads(d) for d in data[:-1]]
+
+    plain = events({})
+    assert all("usage" not in e for e in plain)
+    asked = events({"stream_options": {"include_usage": True}})
+    assert all(e["usage"] is None for e in asked[:-1])
+    assert asked[-1]["choices"] == [] and asked[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_async_client_concurrent(server, smol_llm):
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+        qs = ["Name a color.", "Name a fruit.", "Name a planet."]
+        tasks = [ac.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
+                                            temperature=0, max_tokens=20) for q in qs]
+        stream = await ac.chat.completions.create(model=MODEL, messages=HELLO, temperature=0,
+                                                  max_tokens=20, stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        results = await asyncio.gather(*tasks)
+        await ac.close()
+        return qs, results, streamed
+
+    qs, results, streamed = asyncio.run(main())
+    for q, r in zip(qs, results):
+        assert r.choices[0].message.content == engine_chat(
+            smol_llm, [{"role": "user", "content": q}], max_tokens=20)[0].text
+    assert streamed == engine_chat(smol_llm, HELLO, max_tokens=20)[0].text
+
+
+def test_fifty_streams_a_third_disconnect(server, smol_llm):
+    prompts = [f"Count from {i} to {i + 20}:" for i in range(5)]
+    expected = {p: o.outputs[0].text for p, o in zip(prompts, smol_llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False))}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def one(ac, i):
+        prompt = prompts[i % len(prompts)]
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}
+        text, n = "", 0
+        async with ac.stream("POST", server + "/v1/completions", json=body, headers=headers) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                text += json.loads(line[5:])["choices"][0]["text"]
+                n += 1
+                if i % 3 == 0 and n == 2:
+                    return None  # hang up mid-stream
+        return prompt, text
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as ac:
+            return await asyncio.gather(*(one(ac, i) for i in range(50)))
+
+    results = asyncio.run(main())
+    finished = [r for r in results if r is not None]
+    assert len(finished) == 33
+    for prompt, text in finished:
+        assert text == expected[prompt]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (metric(server, "kvserve_num_requests_running")
+                                           or metric(server, "kvserve_kv_cache_blocks_in_use")):
+        time.sleep(0.2)
+    assert metric(server, "kvserve_num_requests_running") == 0
+    assert metric(server, "kvserve_kv_cache_blocks_in_use") == 0
+    assert metric(server, "kvserve_num_requests_waiting") == 0
+
+
+@pytest.mark.parametrize("kind, status, param", [
+    ("malformed", 400, None), ("wrong_type", 400, "temperature"), ("negative_max", 400, "max_tokens"),
+    ("unknown_model", 404, "model"), ("huge_prompt", 400, "prompt"), ("no_key", 401, None),
+    ("bad_key", 401, None), ("oversized", 413, None), ("bad_messages", 400, "messages"),
+    ("top_p", 400, "top_p"), ("n_zero", 400, "n"),
+])
+def test_errors_have_openai_shape(server, client, kind, status, param):
+    url = server + "/v1/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
+    content = None
+    if kind == "malformed":
+        content = b'{"model": "x", "prompt": '
+    elif kind == "wrong_type":
+        body["temperature"] = "hot"
+    elif kind == "negative_max":
+        body["max_tokens"] = -5
+    elif kind == "unknown_model":
+        body["model"] = "gpt-17"
+    elif kind == "huge_prompt":
+        body["prompt"] = "hello " * 9000
+    elif kind == "no_key":
+        headers.pop("Authorization")
+    elif kind == "bad_key":
+        headers["Authorization"] = "Bearer sk-wrong"
+    elif kind == "oversized":
+        body["prompt"] = "x" * (9 << 20)
+    elif kind == "bad_messages":
+        url, body = server + "/v1/chat/completions", {"model": MODEL, "messages": "hi"}
+    elif kind == "top_p":
+        body["top_p"] = 1.5
+    elif kind == "n_zero":
+        body["n"] = 0
+    r = httpx.post(url, content=content or json.dumps(body).encode(), headers=headers, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    # a normal request right after still succeeds
+    ok = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0)
+    assert ok.choices[0].text
+
+
+def test_misc_endpoints_and_triton(server, smol_llm):
+    assert httpx.get(server + "/health").status_code == 200
+    assert httpx.get(server + "/version").json()["version"]
+    assert httpx.get(server + "/v1/models").status_code == 401
+    models = httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert models["data"][0]["id"] == MODEL
+    text = httpx.get(server + "/metrics").text
+    for name in ("kvserve_time_to_first_token_seconds_bucket", "kvserve_inter_token_latency_seconds",
+                 "kvserve_e2e_request_latency_seconds", "kvserve_request_queue_time_seconds",
+                 "kvserve_kv_cache_usage_perc", "kvserve_prefix_cache_hit_rate",
+                 "kvserve_num_preemptions_total", "kvserve_prompt_tokens_total",
+                 "kvserve_generation_tokens_total"):
+        assert name in text
+    h = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(server + "/v2/health/ready").status_code == 200
+    assert httpx.get(f"{server}/v2/models/{MODEL}", headers=h).json()["name"] == MODEL
+    body = {"text_input": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    out = httpx.post(f"{server}/v2/models/{MODEL}/generate", json=body, headers=h, timeout=60).json()
+    expected = smol_llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=8),
+                                 use_tqdm=False)[0].outputs[0].text
+    assert out["text_output"] == expected
+    with httpx.stream("POST", f"{server}/v2/models/{MODEL}/generate_stream", json=body, headers=h,
+                      timeout=60) as r:
+        pieces = [json.loads(line[5:])["text_output"] for line in r.iter_lines() if line.startswith("data:")]
+    assert "".join(pieces) == expected
+    assert httpx.post(f"{server}/v2/models/nope/generate", json=body, headers=h).status_code == 404
