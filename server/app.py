@@ -18,10 +18,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
-from engine.tokenizer import render_chat
 
 from . import protocol as P
 from .metrics import Metrics
+from .shaping import ChatShaper, CompletionShaper
 from .streams import ChoiceState, merge
 
 logger = logging.getLogger("kvserve.server")
@@ -173,57 +173,31 @@ class _API:
     async def completions(self, request: Request):
         body = await self.read_json(request)
         self.check_model(P.field(body, "model", "str"))
-        prompts = P.completion_prompts(body)
-        logprobs = P.field(body, "logprobs", "int")
-        if logprobs is not None and not 0 <= logprobs <= 20:
-            raise P.bad_field("logprobs", "'logprobs' must be between 0 and 20.")
-        params = P.sampling_params(body, P.field(body, "max_tokens", "int", 16), logprobs)
-        echo = P.field(body, "echo", "bool", False)
-        stream = P.field(body, "stream", "bool", False)
-        opts = P.stream_options(body)
+        req = P.parse_completion(body)
         rid = P.new_id("cmpl")
-        streams = self.start_streams(rid, prompts, params)
-        ctx = _CompletionShaper(self, rid, params, echo, logprobs)
-        timer = self.metrics.timer()
-        if stream:
-            return EventSourceResponse(self.sse(streams, ctx, timer, opts), ping=15)
-        finals = await self.run_to_end(request, streams, timer)
-        timer.finish("ok", *ctx.token_counts(finals))
-        return JSONResponse(ctx.full_response(finals))
+        streams = self.start_streams(rid, req.prompts, req.params)
+        shaper = CompletionShaper(self.token_text, self.settings.served_model_name, rid,
+                                  req.params, req.echo)
+        return await self.respond(request, streams, shaper, req)
 
     @_guarded
     async def chat(self, request: Request):
         body = await self.read_json(request)
         self.check_model(P.field(body, "model", "str"))
-        messages = body.get("messages")
-        try:
-            prompt = render_chat(self.tokenizer, messages,
-                                 P.field(body, "add_generation_prompt", "bool", True),
-                                 P.field(body, "chat_template_kwargs", "dict"))
-        except ValueError as e:
-            raise P.bad_field("messages", str(e)) from e
-        except Exception as e:  # noqa: BLE001 - template errors are the request's fault
-            raise P.bad_field("messages", f"chat template failed: {e}") from e
-        want_logprobs = P.field(body, "logprobs", "bool", False)
-        top = P.field(body, "top_logprobs", "int")
-        if top is not None and not 0 <= top <= 20:
-            raise P.bad_field("top_logprobs", "'top_logprobs' must be between 0 and 20.")
-        if top and not want_logprobs:
-            raise P.bad_field("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
-        max_tokens = P.field(body, "max_completion_tokens", "int",
-                             P.field(body, "max_tokens", "int"))
-        params = P.sampling_params(body, max_tokens, (top or 0) if want_logprobs else None)
-        stream = P.field(body, "stream", "bool", False)
-        opts = P.stream_options(body)
+        req = P.parse_chat(body, self.tokenizer)
         rid = P.new_id("chatcmpl")
-        streams = self.start_streams(rid, [prompt], params)
-        ctx = _ChatShaper(self, rid, params, top or 0)
+        streams = self.start_streams(rid, req.prompts, req.params)
+        shaper = ChatShaper(self.token_text, self.settings.served_model_name, rid, req.params,
+                            req.params.logprobs or 0)
+        return await self.respond(request, streams, shaper, req)
+
+    async def respond(self, request: Request, streams, shaper, req: P.ParsedRequest):
         timer = self.metrics.timer()
-        if stream:
-            return EventSourceResponse(self.sse(streams, ctx, timer, opts), ping=15)
+        if req.stream:
+            return EventSourceResponse(self.sse(streams, shaper, timer, req.stream_options), ping=15)
         finals = await self.run_to_end(request, streams, timer)
-        timer.finish("ok", *ctx.token_counts(finals))
-        return JSONResponse(ctx.full_response(finals))
+        timer.finish("ok", *shaper.token_counts(finals))
+        return JSONResponse(shaper.full_response(finals))
 
     async def sse(self, streams, ctx, timer, opts: P.StreamOptions):
         """One SSE event per delta; [DONE] at the end. Cancellation (client gone) aborts."""
@@ -355,123 +329,3 @@ async def _until_disconnect(request: Request, coro):
         watcher.cancel()
         if not task.done():
             task.cancel()
-
-
-class _Shaper:
-    """Shared response shaping for completions and chat."""
-
-    object_full = object_chunk = ""
-
-    def __init__(self, api: _API, request_id: str, params, top_n: int) -> None:
-        self.api, self.id, self.params, self.top_n = api, request_id, params, top_n
-        self.created = P.now()
-        self.model = api.settings.served_model_name
-        self.states: dict[tuple[int, int], ChoiceState] = {}
-
-    def index(self, prompt_idx: int, child_idx: int) -> int:
-        return prompt_idx * self.params.n + child_idx
-
-    def token_counts(self, finals) -> tuple[int, int]:
-        prompt = sum(len(f.prompt_token_ids) for f in finals if f is not None)
-        generated = sum(len(c.token_ids) for f in finals if f is not None for c in f.outputs)
-        return prompt, generated
-
-    def usage(self, finals) -> dict:
-        cached = sum(f.num_cached_tokens for f in finals if f is not None)
-        return P.usage(*self.token_counts(finals), cached)
-
-    def chunk(self, choices: list, opts: P.StreamOptions) -> dict:
-        out = {"id": self.id, "object": self.object_chunk, "created": self.created,
-               "model": self.model, "choices": choices}
-        if opts.include_usage:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, finals) -> dict:
-        return {"id": self.id, "object": self.object_chunk, "created": self.created,
-                "model": self.model, "choices": [], "usage": self.usage(finals)}
-
-    def opening_chunks(self, opts):
-        return []
-
-    def delta_chunks(self, prompt_idx: int, out, opts):
-        for c in out.outputs:
-            state = self.states.setdefault((prompt_idx, c.index), ChoiceState())
-            if state.done:
-                continue
-            first = state.sent_tokens
-            delta, new_tokens = state.advance(c)
-            reason = P.finish_reason(c) if c.finished else None
-            if reason is not None:
-                state.done = True
-            if not delta and reason is None and not (self.params.logprobs is not None and new_tokens):
-                continue
-            choice = self.delta_choice(self.index(prompt_idx, c.index), c, delta, first, reason,
-                                       out, state)
-            yield self.chunk([choice], opts), new_tokens
-
-
-class _CompletionShaper(_Shaper):
-    object_full = object_chunk = "text_completion"
-
-    def __init__(self, api, request_id, params, echo: bool, logprobs: int | None) -> None:
-        super().__init__(api, request_id, params, logprobs or 0)
-        self.echo = echo
-
-    def prompt_text(self, out) -> str:
-        if out.prompt is not None:
-            return out.prompt
-        return self.api.tokenizer.decode(out.prompt_token_ids)
-
-    def logprobs(self, c, start: int, offset: int):
-        if self.params.logprobs is None:
-            return None
-        return P.completion_logprobs(self.api.token_text, c.token_ids[start:],
-                                     c.logprobs[start:], self.top_n, offset)
-
-    def full_response(self, finals) -> dict:
-        choices = []
-        for p, f in enumerate(finals):
-            prefix = self.prompt_text(f) if self.echo else ""
-            for c in f.outputs:
-                choices.append({"index": self.index(p, c.index), "text": prefix + c.text,
-                                "logprobs": self.logprobs(c, 0, len(prefix)),
-                                "finish_reason": P.finish_reason(c), "stop_reason": c.stop_reason})
-        choices.sort(key=lambda c: c["index"])
-        return {"id": self.id, "object": self.object_full, "created": self.created,
-                "model": self.model, "choices": choices, "usage": self.usage(finals)}
-
-    def delta_choice(self, index, c, delta, first, reason, out, state) -> dict:
-        if self.echo and not state.echoed:
-            state.echoed = True
-            delta = self.prompt_text(out) + delta
-        return {"index": index, "text": delta, "logprobs": self.logprobs(c, first, 0),
-                "finish_reason": reason, "stop_reason": c.stop_reason if reason else None}
-
-
-class _ChatShaper(_Shaper):
-    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
-
-    def logprobs(self, c, start: int):
-        if self.params.logprobs is None:
-            return None
-        return P.chat_logprobs(self.api.token_text, c.token_ids[start:], c.logprobs[start:],
-                               self.top_n)
-
-    def full_response(self, finals) -> dict:
-        f = finals[0]
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self.logprobs(c, 0), "finish_reason": P.finish_reason(c),
-                    "stop_reason": c.stop_reason} for c in f.outputs]
-        return {"id": self.id, "object": self.object_full, "created": self.created,
-                "model": self.model, "choices": choices, "usage": self.usage(finals)}
-
-    def opening_chunks(self, opts):
-        # OpenAI sends the role first, in its own chunk per choice.
-        return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                             "logprobs": None, "finish_reason": None}], opts)
-                for i in range(self.params.n)]
-
-    def delta_choice(self, index, c, delta, first, reason, out, state) -> dict:
-        return {"index": index, "delta": {"content": delta} if delta else {},
-                "logprobs": self.logprobs(c, first), "finish_reason": reason}

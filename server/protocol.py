@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from engine import SamplingParams
 from engine.outputs import CompletionOutput
+from engine.tokenizer import render_chat
 
 _MISSING = object()
 
@@ -105,6 +106,46 @@ def completion_prompts(body: dict) -> list:
             return [{"prompt_token_ids": p} for p in prompt]
     raise bad_field("prompt", "'prompt' must be a string, a list of strings, a list of token "
                               "ids or a list of token-id lists, and not empty.")
+
+
+@dataclass
+class ParsedRequest:
+    prompts: list  # each: str, {"prompt_token_ids": [...]} or {"prompt", "prompt_token_ids"}
+    params: SamplingParams
+    stream: bool = False
+    stream_options: StreamOptions = None
+    echo: bool = False
+
+
+def parse_completion(body: dict) -> ParsedRequest:
+    prompts = completion_prompts(body)
+    logprobs = field(body, "logprobs", "int")
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise bad_field("logprobs", "'logprobs' must be between 0 and 20.")
+    params = sampling_params(body, field(body, "max_tokens", "int", 16), logprobs)
+    return ParsedRequest(prompts, params, field(body, "stream", "bool", False),
+                         stream_options(body), field(body, "echo", "bool", False))
+
+
+def parse_chat(body: dict, tokenizer) -> ParsedRequest:
+    try:
+        prompt = render_chat(tokenizer, body.get("messages"),
+                             field(body, "add_generation_prompt", "bool", True),
+                             field(body, "chat_template_kwargs", "dict"))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failing template is the request's fault
+        raise bad_field("messages", str(e)) from e
+    want_logprobs = field(body, "logprobs", "bool", False)
+    top = field(body, "top_logprobs", "int")
+    if top is not None and not 0 <= top <= 20:
+        raise bad_field("top_logprobs", "'top_logprobs' must be between 0 and 20.")
+    if top and not want_logprobs:
+        raise bad_field("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
+    max_tokens = field(body, "max_completion_tokens", "int", field(body, "max_tokens", "int"))
+    params = sampling_params(body, max_tokens, (top or 0) if want_logprobs else None)
+    return ParsedRequest([prompt], params, field(body, "stream", "bool", False),
+                         stream_options(body))
 
 
 def new_id(prefix: str) -> str:

@@ -1,0 +1,126 @@
+"""OpenAI response bodies and stream chunks from the engine's cumulative RequestOutputs."""
+from __future__ import annotations
+
+from . import protocol as P
+from .streams import ChoiceState
+
+
+class Shaper:
+    """Shared response shaping for completions and chat."""
+
+    object_full = object_chunk = ""
+
+    def __init__(self, token_text: P.TokenText, model: str, request_id: str, params,
+                 top_n: int) -> None:
+        self.token_text, self.id, self.params, self.top_n = token_text, request_id, params, top_n
+        self.created = P.now()
+        self.model = model
+        self.states: dict[tuple[int, int], ChoiceState] = {}
+
+    def index(self, prompt_idx: int, child_idx: int) -> int:
+        return prompt_idx * self.params.n + child_idx
+
+    def token_counts(self, finals) -> tuple[int, int]:
+        prompt = sum(len(f.prompt_token_ids) for f in finals if f is not None)
+        generated = sum(len(c.token_ids) for f in finals if f is not None for c in f.outputs)
+        return prompt, generated
+
+    def usage(self, finals) -> dict:
+        cached = sum(f.num_cached_tokens for f in finals if f is not None)
+        return P.usage(*self.token_counts(finals), cached)
+
+    def chunk(self, choices: list, opts: P.StreamOptions) -> dict:
+        out = {"id": self.id, "object": self.object_chunk, "created": self.created,
+               "model": self.model, "choices": choices}
+        if opts.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, finals) -> dict:
+        return {"id": self.id, "object": self.object_chunk, "created": self.created,
+                "model": self.model, "choices": [], "usage": self.usage(finals)}
+
+    def opening_chunks(self, opts):
+        return []
+
+    def delta_chunks(self, prompt_idx: int, out, opts):
+        for c in out.outputs:
+            state = self.states.setdefault((prompt_idx, c.index), ChoiceState())
+            if state.done:
+                continue
+            first = state.sent_tokens
+            delta, new_tokens = state.advance(c)
+            reason = P.finish_reason(c) if c.finished else None
+            if reason is not None:
+                state.done = True
+            if not delta and reason is None and not (self.params.logprobs is not None and new_tokens):
+                continue
+            choice = self.delta_choice(self.index(prompt_idx, c.index), c, delta, first, reason,
+                                       out, state)
+            yield self.chunk([choice], opts), new_tokens
+
+
+class CompletionShaper(Shaper):
+    object_full = object_chunk = "text_completion"
+
+    def __init__(self, token_text, model, request_id, params, echo: bool) -> None:
+        super().__init__(token_text, model, request_id, params, params.logprobs or 0)
+        self.echo = echo
+
+    def prompt_text(self, out) -> str:
+        if out.prompt is not None:
+            return out.prompt
+        return self.token_text.tokenizer.decode(out.prompt_token_ids)
+
+    def logprobs(self, c, start: int, offset: int):
+        if self.params.logprobs is None:
+            return None
+        return P.completion_logprobs(self.token_text, c.token_ids[start:],
+                                     c.logprobs[start:], self.top_n, offset)
+
+    def full_response(self, finals) -> dict:
+        choices = []
+        for p, f in enumerate(finals):
+            prefix = self.prompt_text(f) if self.echo else ""
+            for c in f.outputs:
+                choices.append({"index": self.index(p, c.index), "text": prefix + c.text,
+                                "logprobs": self.logprobs(c, 0, len(prefix)),
+                                "finish_reason": P.finish_reason(c), "stop_reason": c.stop_reason})
+        choices.sort(key=lambda c: c["index"])
+        return {"id": self.id, "object": self.object_full, "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage(finals)}
+
+    def delta_choice(self, index, c, delta, first, reason, out, state) -> dict:
+        if self.echo and not state.echoed:
+            state.echoed = True
+            delta = self.prompt_text(out) + delta
+        return {"index": index, "text": delta, "logprobs": self.logprobs(c, first, 0),
+                "finish_reason": reason, "stop_reason": c.stop_reason if reason else None}
+
+
+class ChatShaper(Shaper):
+    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def logprobs(self, c, start: int):
+        if self.params.logprobs is None:
+            return None
+        return P.chat_logprobs(self.token_text, c.token_ids[start:], c.logprobs[start:],
+                               self.top_n)
+
+    def full_response(self, finals) -> dict:
+        f = finals[0]
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self.logprobs(c, 0), "finish_reason": P.finish_reason(c),
+                    "stop_reason": c.stop_reason} for c in f.outputs]
+        return {"id": self.id, "object": self.object_full, "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage(finals)}
+
+    def opening_chunks(self, opts):
+        # OpenAI sends the role first, in its own chunk per choice.
+        return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}], opts)
+                for i in range(self.params.n)]
+
+    def delta_choice(self, index, c, delta, first, reason, out, state) -> dict:
+        return {"index": index, "delta": {"content": delta} if delta else {},
+                "logprobs": self.logprobs(c, first), "finish_reason": reason}
