@@ -49,7 +49,33 @@ class TorchAttentionBackend(AttentionBackend):
                                          self.sliding_window)
 
 
-BACKENDS = {"torch": TorchAttentionBackend}
+class TritonAttentionBackend(AttentionBackend):
+    """CUDA path: the Triton KV store and unified paged-attention kernels (one launch each per
+    layer for the whole flattened batch, no host sync, so a step can be a CUDA graph).
+
+    On CPU the kernels run only in the Triton interpreter (TRITON_INTERPRET=1 set before
+    kernels.paged_attention is first imported): slow, for tests. triton is imported here,
+    not at module level, so the torch backend never needs it.
+    """
+    name = "triton"
+
+    def __init__(self, head_dim: int, sliding_window: int | None = None) -> None:
+        super().__init__(head_dim, sliding_window)
+        from kernels.kv_store import store_kv
+        from kernels.paged_attention import paged_attention
+
+        self._store_kv = store_kv
+        self._paged_attention = paged_attention
+
+    def forward(self, q, k, v, kv_cache, meta):
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        self._store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+        return self._paged_attention(q, key_cache, value_cache, meta.query_start_loc,
+                                     meta.seq_lens, meta.block_tables, self.scale,
+                                     self.sliding_window)
+
+
+BACKENDS = {"torch": TorchAttentionBackend, "triton": TritonAttentionBackend}
 
 
 def get_backend(name: str, head_dim: int, sliding_window: int | None) -> AttentionBackend:

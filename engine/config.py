@@ -9,6 +9,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ATTENTION_BACKENDS = ("torch", "triton")  # engine.attention.BACKENDS
 
 
 @dataclass
@@ -26,6 +27,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # exact pool size; overrides the byte budget
     attention_backend: str | None = None  # "torch" | "triton"; default by device
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode-only steps
     seed: int = 0
     skip_tokenizer_init: bool = False
 
@@ -45,6 +47,15 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1].")
+        if self.attention_backend not in (None, *ATTENTION_BACKENDS):
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} "
+                             f"(or None for the device default); got {self.attention_backend!r}.")
+        if (self.backend_name == "triton" and self.torch_device.type != "cuda"
+                and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ValueError(
+                "attention_backend='triton' needs a CUDA device; on CPU it runs only in the "
+                "Triton interpreter (set TRITON_INTERPRET=1 before starting; slow, for tests). "
+                "Use attention_backend='torch' on CPU.")
 
     @property
     def torch_device(self) -> torch.device:

@@ -40,6 +40,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self._graphs: dict[int, tuple] = {}  # padded batch size -> (CUDA graph, its output)
 
     @property
     def bytes_per_block(self) -> int:
@@ -48,19 +49,21 @@ class ModelRunner:
         return per_token * self.block_size * cfg.num_hidden_layers
 
     def allocate_kv_cache(self) -> int:
-        """Preallocate the pool: one [2, num_blocks, block_size, kv_heads, head_dim] per layer."""
+        """Preallocate the pool: one [2, num_blocks, block_size, kv_heads, head_dim] per layer.
+        On CUDA, then capture the decode CUDA graphs (unless enforce_eager)."""
+        self.model.init_rotary(self._max_positions(), self.device)
         self.num_blocks = self.config.num_kv_blocks or self._blocks_from_budget()
         cfg = self.model_config
         shape = (2, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
-        self.model.init_rotary(self._max_positions(), self.device)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self._capture_decode_graphs()
         return self.num_blocks
 
     def _blocks_from_budget(self) -> int:
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization)
+            budget = self._cuda_kv_budget()
         else:
             budget = self.config.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
         num_blocks = budget // self.bytes_per_block
@@ -68,6 +71,138 @@ class ModelRunner:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block "
                              f"({self.bytes_per_block} bytes each).")
         return num_blocks
+
+    # ---- CUDA: memory profiling and decode CUDA graphs --------------------------------------
+    def _dummy_batch(self, num_tokens: int, num_seqs: int):
+        """A batch that stores nothing (slot -1) and reads only block 0 of the pool: prefill
+        sequences of num_tokens // num_seqs tokens (the first takes the remainder)."""
+        dev = self.device
+        q_lens = [num_tokens // num_seqs] * num_seqs
+        q_lens[0] += num_tokens - sum(q_lens)
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        width = -(-max(q_lens) // self.block_size)
+        positions = torch.cat([torch.arange(n) for n in q_lens]) % self._max_positions()
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(q_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((num_seqs, width), dtype=torch.int32, device=dev),
+            query_start_loc_cpu=qsl, seq_lens_cpu=q_lens,
+            max_query_len=max(q_lens), max_seq_len=max(q_lens))
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        return ids, positions.to(dev), meta
+
+    @torch.inference_mode()
+    def _cuda_kv_budget(self) -> int:
+        """Bytes for the KV pool: total * gpu_memory_utilization, less the peak of a forward
+        pass at max_num_batched_tokens (weights + activations + logits) and less what other
+        users of the device (CUDA context, other processes) hold."""
+        dev = self.device
+        cfg = self.model_config
+        num_tokens = self.config.max_num_batched_tokens
+        num_seqs = min(self.config.max_num_seqs, num_tokens)
+        dummy = torch.zeros((2, 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim),
+                            dtype=self.dtype, device=dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        ids, positions, meta = self._dummy_batch(num_tokens, num_seqs)
+        hidden = self.model(ids, positions, [dummy] * cfg.num_hidden_layers, meta, self.backend)
+        rows = meta.query_start_loc[1:].long() - 1
+        torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)  # sampler
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        del hidden, dummy
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        non_torch = max(0, total - free - torch.cuda.memory_reserved(dev))
+        budget = int(total * self.config.gpu_memory_utilization) - peak - non_torch
+        logger.info("CUDA memory: total %.2f GiB, forward peak %.2f GiB, non-torch %.2f GiB, "
+                    "KV budget %.2f GiB", total / 2**30, peak / 2**30, non_torch / 2**30,
+                    budget / 2**30)
+        if budget < self.bytes_per_block:
+            raise ValueError(
+                f"no room for the KV cache: {self.config.gpu_memory_utilization:.2f} of "
+                f"{total / 2**30:.1f} GiB minus the forward peak ({peak / 2**30:.2f} GiB) and "
+                f"other use ({non_torch / 2**30:.2f} GiB) leaves {max(budget, 0)} bytes; raise "
+                "gpu_memory_utilization or lower max_num_batched_tokens.")
+        return budget
+
+    def _graph_batch_sizes(self) -> list[int]:
+        sizes, n = [], 1
+        while n < self.config.max_num_seqs:
+            sizes.append(n)
+            n *= 2
+        return sizes + [self.config.max_num_seqs]
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        """One CUDA graph per padded batch size for steps whose every sequence has one query
+        token. Static buffers hold the inputs; padding sequences get slot -1 (store nothing),
+        seq_len 0 (attend to nothing, output 0) and query_len 1, so query_start_loc is
+        0, 1, ..., n for every decode step and is written once here."""
+        if self.backend.name != "triton":
+            return  # the torch backend reads host lists and syncs: not capturable
+        dev = self.device
+        max_bs = self.config.max_num_seqs
+        width = -(-self._max_positions() // self.block_size)
+        self._g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self._g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self._g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self._g_tables = torch.zeros((max_bs, width), dtype=torch.int32, device=dev)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        try:
+            for bs in sorted(self._graph_batch_sizes(), reverse=True):  # largest first: shared pool
+                args = self._graph_args(bs)
+                self.model(*args)  # warm-up: compiles the kernels outside the capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(*args)
+                graphs[bs] = (graph, out)
+        except Exception as e:  # a failed capture costs speed, not correctness
+            logger.warning("CUDA graph capture failed (%s); running eagerly.", e)
+            graphs = {}
+        torch.cuda.synchronize(dev)
+        self._graphs = graphs
+        logger.info("captured decode CUDA graphs for batch sizes %s", sorted(graphs))
+
+    def _graph_args(self, bs: int) -> tuple:
+        """The model's arguments for a captured batch of bs: views of the static buffers."""
+        meta = AttentionMetadata(
+            slot_mapping=self._g_slots[:bs], query_start_loc=self._g_qsl[:bs + 1],
+            seq_lens=self._g_lens[:bs], block_tables=self._g_tables[:bs],
+            query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[0] * bs,
+            max_query_len=1, max_seq_len=0)
+        return self._g_ids[:bs], self._g_pos[:bs], self.kv_caches, meta, self.backend
+
+    def _replay_decode_graph(self, input_ids, positions, meta: AttentionMetadata):
+        """Hidden states for a decode-only batch through the smallest captured graph that
+        fits, or None when none does (the caller runs eagerly)."""
+        n = len(meta.seq_lens_cpu)
+        sizes = [bs for bs in self._graphs if bs >= n]
+        width = meta.block_tables.shape[1]
+        if not sizes or width > self._g_tables.shape[1]:
+            return None
+        bs = min(sizes)
+        graph, out = self._graphs[bs]
+        self._g_ids[:n].copy_(input_ids)
+        self._g_pos[:n].copy_(positions)
+        self._g_slots[:n].copy_(meta.slot_mapping)
+        self._g_lens[:n].copy_(meta.seq_lens)
+        self._g_tables[:n, :width].copy_(meta.block_tables)
+        if bs > n:  # padding sequences: token 0 at position 0, stores nothing, reads nothing
+            self._g_ids[n:bs].zero_()
+            self._g_pos[n:bs].zero_()
+            self._g_slots[n:bs].fill_(-1)
+            self._g_lens[n:bs].zero_()
+        graph.replay()
+        return out[:n]
 
     def _max_positions(self) -> int:
         return max(self.config.max_model_len or 0, self.model_config.max_position_embeddings) + 1
@@ -85,7 +220,11 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager
                 ) -> tuple[list[Request], SamplerOutput | None]:
         input_ids, positions, meta, logits_rows, sampling_reqs = self._prepare(sched, kv)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        hidden = None
+        if self._graphs and meta.max_query_len == 1:
+            hidden = self._replay_decode_graph(input_ids, positions, meta)
+        if hidden is None:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not sampling_reqs:
             return [], None
         logits = self.model.compute_logits(hidden[logits_rows])

@@ -15,19 +15,9 @@ SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requ
                "request_timeout", "max_body_bytes", "log_level")
 
 
-def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvserve serve", description="OpenAI-compatible server.")
+def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file of defaults (see configs/); flags override it")
     p.add_argument("--model", help="HF directory or .gguf file (default: bundled SmolLM2)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", help="name clients use (default: from the model path)")
-    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
-    p.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="queue bound; beyond it requests get 503 + Retry-After")
-    p.add_argument("--request-timeout", type=float, help="seconds before a request is aborted")
-    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
-    p.add_argument("--log-level", default="info")
     p.add_argument("--dtype")
     p.add_argument("--block-size", type=int)
     p.add_argument("--max-num-seqs", type=int)
@@ -37,33 +27,51 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--num-kv-blocks", type=int)
     p.add_argument("--attention-backend")
-    p.add_argument("--seed", type=int)
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvserve serve", description="OpenAI-compatible server.")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="name clients use (default: from the model path)")
+    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
+    p.add_argument("--max-waiting-requests", type=int, default=1024,
+                   help="queue bound; beyond it requests get 503 + Retry-After")
+    p.add_argument("--request-timeout", type=float, help="seconds before a request is aborted")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--seed", type=int)
     return p
 
 
-def load_settings(argv: list[str]) -> tuple[dict, dict]:
-    """(engine kwargs, server kwargs): TOML config first, then explicit flags."""
+def merge_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   extra_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """(engine kwargs, other settings): TOML config first, then flags given explicitly."""
     from engine.config import EngineConfig
 
-    parser = serve_parser()
-    args = parser.parse_args(argv)
     merged: dict = {}
     if args.config:
         with open(args.config, "rb") as f:
             merged.update(tomllib.load(f))
     defaults = vars(parser.parse_args([]))
     for key, value in vars(args).items():
-        if key != "config" and (value != defaults[key] or key not in merged):
+        if key != "config" and (value != defaults.get(key) or key not in merged):
             merged[key] = value
     engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
-    unknown = set(merged) - engine_keys - set(SERVER_KEYS)
+    unknown = {k for k in merged if k not in engine_keys and k not in extra_keys
+               and k not in vars(args)}
     if unknown:
         parser.error(f"unknown settings in config: {', '.join(sorted(unknown))}")
     engine_kwargs = {k: v for k, v in merged.items() if k in engine_keys and v is not None}
-    server_kwargs = {k: merged[k] for k in SERVER_KEYS if k in merged}
-    return engine_kwargs, server_kwargs
+    return engine_kwargs, {k: v for k, v in merged.items() if k not in engine_keys}
+
+
+def load_settings(argv: list[str]) -> tuple[dict, dict]:
+    parser = serve_parser()
+    return merge_settings(parser, parser.parse_args(argv), SERVER_KEYS)
 
 
 def serve(argv: list[str]) -> int:
@@ -105,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "serve":
         return serve(rest)
     if command == "generate":
-        from engine.generate import main as generate_main
-        return generate_main(rest)
+        from .batch import main as batch_main
+        return batch_main(rest)
     print(f"kvserve: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 
