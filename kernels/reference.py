@@ -70,14 +70,16 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         start, end = query_start_loc[i], query_start_loc[i + 1]
         query_len = end - start
         num_blocks = -(-seq_len // block_size)
-        k = _gather(key_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)
-        v = _gather(value_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)
-        q = query[start:end].transpose(0, 1)
+        # [1, heads, len, head_dim]: with a batch dim SDPA takes its fused CPU kernel (a 3-D
+        # input falls back to the unfused math path, whose bf16 rounding differs).
+        k = _gather(key_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)[None]
+        v = _gather(value_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)[None]
+        q = query[start:end].transpose(0, 1)[None]
         mask = None
         if query_len > 1 or sliding_window is not None:
             mask = _causal_mask(seq_len - query_len, query_len, seq_len, sliding_window, q.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 
