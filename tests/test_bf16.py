@@ -32,7 +32,7 @@ def test_bf16_top1_agrees_with_transformers_bf16():
     from transformers import AutoModelForCausalLM
 
     llm = LLM(dtype="bfloat16", enable_prefix_caching=False, max_num_batched_tokens=1024)
-    ids = llm.tokenizer.encode(TEXT * 4)[:320]
+    ids = llm.tokenizer.encode(TEXT * 7)[:320]
     ours = teacher_forced_logits(llm, ids)
     hf = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=torch.bfloat16).eval()
     with torch.inference_mode():
