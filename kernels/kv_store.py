@@ -83,7 +83,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     if slot_mapping.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"slot_mapping must be int64 (or int32), got {slot_mapping.dtype}.")
     if key_cache.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"cache dtype must be float32, bfloat16 or float16, got {key_cache.dtype}.")
+        raise ValueError("cache dtype must be float32, bfloat16 or float16, got "
+                         f"{key_cache.dtype}.")
     for name, t in (("key", key), ("value", value), ("value_cache", value_cache)):
         if t.dtype != key_cache.dtype:
             raise ValueError(f"{name} dtype {t.dtype} differs from key_cache {key_cache.dtype}.")
@@ -99,16 +100,22 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     check_kernel_device(device)
     if num_tokens == 0:
         return
+    grid, args, meta = launch_plan(key, value, key_cache, value_cache, slot_mapping)
+    _store_kv_kernel[grid](*args, **meta)
+
+
+def launch_plan(key, value, key_cache, value_cache, slot_mapping):
+    """(grid, positional args, constexprs + launch options) for validated inputs."""
+    num_tokens, num_kv_heads, head_dim = key.shape
     head_dim_padded = triton.next_power_of_2(head_dim)
     kvh_padded = triton.next_power_of_2(num_kv_heads)
-    width = kvh_padded * head_dim_padded
-    block_t = max(1, min(16, 4096 // width))
-    _store_kv_kernel[(triton.cdiv(num_tokens, block_t),)](
-        key, value, key_cache, value_cache, slot_mapping, num_tokens,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, KV_HEADS_PADDED=kvh_padded, HEAD_DIM=head_dim,
-        HEAD_DIM_PADDED=head_dim_padded,
-        BLOCK_SIZE=key_cache.shape[1], BLOCK_T=block_t, num_warps=4,
-    )
+    block_t = max(1, min(16, 4096 // (kvh_padded * head_dim_padded)))
+    grid = (triton.cdiv(num_tokens, block_t),)
+    args = (key, value, key_cache, value_cache, slot_mapping, num_tokens,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
+    meta = dict(NUM_KV_HEADS=num_kv_heads, KV_HEADS_PADDED=kvh_padded, HEAD_DIM=head_dim,
+                HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=key_cache.shape[1], BLOCK_T=block_t,
+                num_warps=4)
+    return grid, args, meta

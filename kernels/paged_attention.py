@@ -60,7 +60,9 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# num_seqs is not specialized: Triton makes an int argument equal to 1 a constexpr, which would
+# compile a separate variant for every single-sequence batch.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     out_ptr,              # [T, H, D]        stride_ot, stride_oh, 1
     query_ptr,            # [T, H, D]        stride_qt, stride_qh, 1
@@ -211,7 +213,8 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     query_start_loc[-1] are not written.
     """
     if query.dim() != 3:
-        raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}.")
+        raise ValueError("query must be [num_tokens, num_heads, head_dim], got "
+                         f"{tuple(query.shape)}.")
     if key_cache.dim() != 4:
         raise ValueError("key_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
                          f"got {tuple(key_cache.shape)}.")
@@ -263,26 +266,37 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if num_tokens == 0 or num_seqs == 0:
         return out
 
+    grid, args, meta = launch_plan(query, key_cache, value_cache, query_start_loc, seq_lens,
+                                   block_tables, scale, sliding_window, out)
+    _paged_attention_kernel[grid](*args, **meta)
+    return out
+
+
+def launch_plan(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables, scale,
+                sliding_window, out):
+    """(grid, positional args, constexprs + launch options) for validated inputs; from host
+    shapes only. Separate from the launch so a test can compile exactly this for a GPU."""
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
     qpk = num_heads // num_kv_heads
     decode_only = num_tokens == num_seqs  # every sequence has one query (host shapes only)
     block_m = max(16 if decode_only else 64, triton.next_power_of_2(qpk))
     block_q = block_m // qpk
     head_dim_padded = max(16, triton.next_power_of_2(head_dim))
     tile_n = 64 if head_dim_padded * query.element_size() <= 256 else 32
-    num_q_tiles = num_tokens // block_q + num_seqs
-    grid = (num_q_tiles, num_kv_heads)
-    _paged_attention_kernel[grid](
-        out, query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
-        num_seqs, scale * LOG2E, sliding_window or 0,
-        out.stride(0), out.stride(1),
-        query.stride(0), query.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0),
-        QPK=qpk, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, USE_WINDOW=sliding_window is not None,
-        FP32_IEEE=query.dtype == torch.float32,
-        UPCAST_DOT=is_interpreted() and query.dtype == torch.bfloat16,
-        num_warps=4, num_stages=2,
-    )
-    return out
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    args = (out, query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
+            num_seqs, scale * LOG2E, sliding_window or 0,
+            out.stride(0), out.stride(1),
+            query.stride(0), query.stride(1),
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+            block_tables.stride(0))
+    meta = dict(QPK=qpk, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+                BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
+                USE_WINDOW=sliding_window is not None,
+                FP32_IEEE=query.dtype == torch.float32,
+                UPCAST_DOT=is_interpreted() and query.dtype == torch.bfloat16,
+                num_warps=4, num_stages=2)
+    return grid, args, meta

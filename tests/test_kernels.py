@@ -13,6 +13,7 @@ masked out returns NaN rows (checked explicitly before the tolerance comparison)
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -166,6 +167,24 @@ def test_paged_attention_matches_reference(kvh, ratio, head_dim, block_size, dty
     assert_matches(run_kernel(b, window), reference_output(b, window), dtype)
 
 
+@pytest.mark.parametrize("seed", range(int(os.environ.get("KERNEL_FUZZ_SEEDS", 16))))
+def test_paged_attention_random_batches(seed):
+    """Random mixes: batch size, query/context lengths, head_dim, block size, GQA ratio,
+    dtype and window drawn per seed (reproducible; KERNEL_FUZZ_SEEDS=300 for a longer run)."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(rng.randint(1, 6)):
+        q_len = rng.choice([1, 1, 1, rng.randint(2, 40)])
+        cases.append((q_len, q_len + rng.choice([0, rng.randint(0, 300)])))
+    head_dim = rng.choice([48, 64, 80, 96, 128])
+    block_size = rng.choice([16, 32, 64])
+    kvh, ratio = rng.choice([1, 2, 3]), rng.choice([1, 3, 4, 5])
+    dtype = rng.choice([F32, BF16, F16])
+    window = rng.choice([None, None, rng.randint(1, 100)])
+    b = make_batch(cases, kvh, ratio, head_dim, block_size, dtype, seed=seed)
+    assert_matches(run_kernel(b, window), reference_output(b, window), dtype)
+
+
 @pytest.mark.parametrize("window", [1, 2, 17, 10_000])
 def test_sliding_window_edges(window):
     """Window 1 = each query sees only itself; a window past the sequence = no window."""
@@ -185,13 +204,15 @@ def test_strided_query_and_preallocated_out():
     (padding tokens) are left untouched."""
     b = make_batch(MIXED, 2, 3, 64, 32, F32, seed=7, strided_query=True)
     assert b.query.stride(0) != b.query.shape[1] * b.query.shape[2]
+    ref = reference_output(b)
+    assert_matches(run_kernel(b), ref, F32)
     num_tokens = b.query.shape[0]
     out = torch.full((num_tokens + 3, *b.query.shape[1:]), 123.0, device=DEVICE)
     padded_query = torch.cat([b.query, torch.zeros_like(b.query[:3])])
     res = paged_attention(padded_query, b.key_cache, b.value_cache, b.query_start_loc,
                           b.seq_lens, b.block_tables, b.scale, out=out)
     assert res is out
-    assert_matches(out[:num_tokens], reference_output(b), F32)
+    assert_matches(out[:num_tokens], ref, F32)
     assert (out[num_tokens:] == 123.0).all()
 
 
@@ -224,10 +245,12 @@ def test_block_tables_shared_prefix_blocks():
 def test_store_kv_matches_reference(kvh, head_dim, block_size, dtype):
     g = torch.Generator().manual_seed(kvh * head_dim)
     num_tokens, num_blocks = 37, 9
-    # key / value as slices of a fused projection output: token stride > KVH * D
-    fused = torch.randn(num_tokens, 3 * kvh * head_dim, generator=g).to(DEVICE, dtype)
-    key = fused[:, kvh * head_dim:2 * kvh * head_dim].view(num_tokens, kvh, head_dim)
-    value = fused[:, 2 * kvh * head_dim:].view(num_tokens, kvh, head_dim)
+    # key / value as slices of wider rows (a fused projection): token strides > KVH * D,
+    # and different for key and value
+    width = kvh * head_dim
+    key = torch.randn(num_tokens, 3 * width, generator=g).to(DEVICE, dtype)[:, width:2 * width]
+    value = torch.randn(num_tokens, 2 * width + 8, generator=g).to(DEVICE, dtype)[:, 8:width + 8]
+    key, value = key.view(num_tokens, kvh, head_dim), value.view(num_tokens, kvh, head_dim)
     slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
     slots[torch.rand(num_tokens, generator=g) < 0.3] = -1  # padding tokens: not stored
     slots = slots.to(DEVICE)
@@ -303,6 +326,91 @@ def test_large_pool_64bit_offsets():
         f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
+# ---- GPU code generation, checked without a GPU -----------------------------------------
+
+# Runs in a fresh interpreter without TRITON_INTERPRET: compiles the kernels ahead of time for
+# sm_90 (H100/H200) through ptxas, from exactly what the launchers would launch (launch_plan),
+# for the shapes the engine uses. Catches GPU-only compile errors (loop-carried types, dot
+# shapes, shared memory) on a machine with no GPU.
+AOT_SCRIPT = r"""
+import sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import kv_store, paged_attention as pa
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+         torch.int32: "i32", torch.int64: "i64"}
+TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED = 227 * 1024
+
+def compile_plan(jit_fn, args, meta):
+    names = jit_fn.arg_names
+    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+    signature, constexprs = {}, dict(meta)
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1 and name not in jit_fn.do_not_specialize:
+            constexprs[name] = 1  # what a launch does with an int equal to 1
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature = {n: signature[n] for n in names}
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(src, target=TARGET, options=options)
+    assert kernel.metadata.shared <= MAX_SHARED, kernel.metadata.shared
+    return kernel.metadata.shared
+
+def attention(dtype, num_tokens, num_seqs, kvh, qpk, head_dim, block_size, window):
+    query = torch.empty(num_tokens, kvh * qpk, head_dim, dtype=dtype)
+    pool = torch.empty(2, 8, block_size, kvh, head_dim, dtype=dtype)
+    qsl = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    lens = torch.zeros(num_seqs, dtype=torch.int32)
+    tables = torch.zeros(num_seqs, 3, dtype=torch.int32)
+    grid, args, meta = pa.launch_plan(query, pool[0], pool[1], qsl, lens, tables, 0.1, window,
+                                      torch.empty_like(query))
+    return compile_plan(pa._paged_attention_kernel, args, meta)
+
+def store(dtype, num_tokens, kvh, head_dim, block_size):
+    k = torch.empty(num_tokens, kvh, head_dim, dtype=dtype)
+    pool = torch.empty(2, 8, block_size, kvh, head_dim, dtype=dtype)
+    slots = torch.zeros(num_tokens, dtype=torch.int64)
+    grid, args, meta = kv_store.launch_plan(k, k, pool[0], pool[1], slots)
+    return compile_plan(kv_store._store_kv_kernel, args, meta)
+
+assert not pa.is_interpreted()
+# (dtype, tokens, seqs, kvh, qpk, head_dim, block_size, window): decode-only and mixed batches
+for case in [(torch.bfloat16, 64, 64, 8, 4, 128, 16, None),    # Llama-3-8B decode
+             (torch.bfloat16, 300, 7, 8, 4, 128, 16, None),     # its prefill / mixed
+             (torch.bfloat16, 1, 1, 3, 3, 64, 16, None),        # SmolLM2: one sequence
+             (torch.float16, 40, 3, 2, 5, 80, 32, 4096),        # window, QPK 5, head_dim 80
+             (torch.float32, 40, 40, 2, 3, 96, 64, None),       # fp32 decode (ieee dots)
+             (torch.float32, 40, 3, 1, 1, 128, 16, 48),         # fp32 prefill, TILE_N 32
+             (torch.bfloat16, 33, 2, 8, 1, 8, 32, 1),           # tiny head_dim, window 1
+             (torch.float16, 70, 70, 4, 8, 48, 64, None)]:      # QPK 8, head_dim 48
+    print("attention", case, "shared", attention(*case), flush=True)
+for case in [(torch.bfloat16, 64, 8, 128, 16), (torch.float32, 1, 3, 80, 64),
+             (torch.float16, 5, 1, 8, 32)]:
+    print("store", case, "shared", store(*case), flush=True)
+print("AOT_OK")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_CUDA, reason="on CUDA the kernels are compiled and run natively above")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and "AOT_OK" in proc.stdout, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
 # ---- launcher validation -----------------------------------------------------------------
 
 def _valid_args():
@@ -348,7 +456,8 @@ def test_paged_attention_rejects_bad_input(change, match):
      "cache dtype"),
 ])
 def test_store_kv_rejects_bad_input(change, match):
-    args = dict(key=torch.zeros(3, 2, 16, device=DEVICE), value=torch.zeros(3, 2, 16, device=DEVICE),
+    args = dict(key=torch.zeros(3, 2, 16, device=DEVICE),
+                value=torch.zeros(3, 2, 16, device=DEVICE),
                 key_cache=torch.zeros(4, 16, 2, 16, device=DEVICE),
                 value_cache=torch.zeros(4, 16, 2, 16, device=DEVICE),
                 slot_mapping=torch.tensor([0, -1, 5], device=DEVICE))
