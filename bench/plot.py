@@ -19,6 +19,11 @@ import sys
 
 import matplotlib
 
+# bench/ holds scripts, not modules: keep it off sys.path so a script here (bench/kernels.py)
+# cannot shadow a package of the same name (kvserve's kernels, or the one transformers probes).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after selecting the backend
 

@@ -37,6 +37,11 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+# bench/ holds scripts, not modules: keep it off sys.path so a script here (bench/kernels.py)
+# cannot shadow a package of the same name (kvserve's kernels, or the one transformers probes).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 # Common English words that are one token (with their leading space) in the BPE vocabularies
 # of Llama 2/3, Mistral, Qwen2/3, GPT-2 and SmolLM2: a prompt of N such words is about N
 # tokens. Used only when no tokenizer is given (--tokenizer-free).
@@ -188,7 +193,9 @@ def build_requests(args, tokenizer=None) -> list[RequestSpec]:
                                                       args.random_range_ratio)
             text = row["prompt"] if row["prompt"] is not None else " ".join(
                 str(m.get("content", "")) for m in row["messages"])
-            specs.append(RequestSpec(row["prompt"], count_tokens(tokenizer, text), int(out_len),
+            # Completions send the text (a messages-only row: its contents joined); chat sends
+            # the row's messages, or the prompt as one user message.
+            specs.append(RequestSpec(text, count_tokens(tokenizer, text), int(out_len),
                                      row["messages"]))
         return specs
     pool = word_token_ids(tokenizer) if tokenizer is not None else None

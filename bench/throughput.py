@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
 
-import torch
+# bench/ holds scripts, not modules: keep it off sys.path so bench/kernels.py cannot shadow
+# the kernels package (which transformers also probes for).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
-from engine import LLM, SamplingParams
+import torch  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
 
 
 def parse_args(argv=None):
