@@ -1,6 +1,7 @@
 """EngineConfig: every engine knob in one validated dataclass."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ ATTENTION_BACKENDS = ("torch", "triton")  # engine.attention.BACKENDS
 class EngineConfig:
     model: str | None = None  # HF directory, .gguf file, or None for the bundled SmolLM2
     tokenizer: str | None = None  # defaults to the model directory
-    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto = bfloat16 on CUDA and bf16-capable CPUs, else float32
     device: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 128
@@ -65,8 +66,12 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """auto: bfloat16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16 / AMX),
+        where it runs ~2.4x the fp32 matmul rate; float32 elsewhere."""
         if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+            if self.torch_device.type == "cuda" or cpu_has_native_bf16():
+                return torch.bfloat16
+            return torch.float32
         return DTYPES[self.dtype]
 
     @property
@@ -74,6 +79,16 @@ class EngineConfig:
         if self.attention_backend is not None:
             return self.attention_backend
         return "triton" if self.torch_device.type == "cuda" else "torch"
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def default_model_path() -> str:

@@ -18,7 +18,7 @@ def test_sharded_safetensors_with_index(tmp_path):
     files = os.listdir(tmp_path / "sharded")
     assert "model.safetensors.index.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 2
-    llm = LLM(str(tmp_path / "sharded"), skip_tokenizer_init=True, num_kv_blocks=64)
+    llm = LLM(str(tmp_path / "sharded"), skip_tokenizer_init=True, num_kv_blocks=64, dtype="float32")
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     out = llm.generate({"prompt_token_ids": prompt},
                        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)

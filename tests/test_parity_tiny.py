@@ -41,6 +41,7 @@ def run(llm, prompts):
 
 def tiny_llm(tiny_models, arch, **kw):
     kw.setdefault("num_kv_blocks", 256)
+    kw.setdefault("dtype", "float32")  # exact parity needs fp32 (auto may pick bf16)
     return LLM(tiny_models(arch)[0], skip_tokenizer_init=True, **kw)
 
 

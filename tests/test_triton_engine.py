@@ -43,6 +43,7 @@ def greedy(llm, batch, max_tokens=NEW_TOKENS):
 def tiny_llm(tiny_models, arch, backend, **kw):
     kw.setdefault("num_kv_blocks", 64)
     kw.setdefault("device", DEVICE)
+    kw.setdefault("dtype", "float32")
     return LLM(tiny_models(arch)[0], skip_tokenizer_init=True, attention_backend=backend, **kw)
 
 
