@@ -49,6 +49,42 @@ class TorchAttentionBackend(AttentionBackend):
                                          self.sliding_window)
 
 
+class CpuAttentionBackend(TorchAttentionBackend):
+    """CPU default: decode rows through the C++ paged-decode op (reads K/V in place from the
+    pool), prefill chunks through per-sequence SDPA. Falls back to the torch backend's ops when
+    the op cannot be built."""
+    name = "cpu"
+
+    def __init__(self, head_dim: int, sliding_window: int | None = None) -> None:
+        super().__init__(head_dim, sliding_window)
+        from kernels import cpu_attention
+
+        self._decode = cpu_attention.paged_decode if cpu_attention.available() else None
+
+    def forward(self, q, k, v, kv_cache, meta):
+        if self._decode is None:
+            return super().forward(q, k, v, kv_cache, meta)
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        reference.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        if meta.max_query_len == 1:  # a pure decode step: one call for the whole batch
+            return self._decode(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                self.scale, self.sliding_window)
+        out = torch.empty_like(q)
+        decodes = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
+        if decodes:
+            rows = torch.tensor([qsl[i] for i in decodes], device=q.device)
+            idx = torch.tensor(decodes, device=q.device)
+            out[rows] = self._decode(q[rows], key_cache, value_cache, meta.block_tables[idx],
+                                     meta.seq_lens[idx], self.scale, self.sliding_window)
+        for i in range(len(lens)):
+            if qsl[i + 1] - qsl[i] > 1:
+                out[qsl[i]:qsl[i + 1]] = reference.attend_sequence(
+                    q[qsl[i]:qsl[i + 1]], key_cache, value_cache, meta.block_tables[i], lens[i],
+                    self.scale, self.sliding_window)
+        return out
+
+
 class TritonAttentionBackend(AttentionBackend):
     """CUDA path: the Triton KV store and unified paged-attention kernels (one launch each per
     layer for the whole flattened batch, no host sync, so a step can be a CUDA graph).
@@ -75,7 +111,8 @@ class TritonAttentionBackend(AttentionBackend):
                                      self.sliding_window)
 
 
-BACKENDS = {"torch": TorchAttentionBackend, "triton": TritonAttentionBackend}
+BACKENDS = {"cpu": CpuAttentionBackend, "torch": TorchAttentionBackend,
+            "triton": TritonAttentionBackend}
 
 
 def get_backend(name: str, head_dim: int, sliding_window: int | None) -> AttentionBackend:

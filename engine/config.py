@@ -4,20 +4,21 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ATTENTION_BACKENDS = ("torch", "triton")  # engine.attention.BACKENDS
+ATTENTION_BACKENDS = ("cpu", "torch", "triton")  # engine.attention.BACKENDS
 
 
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF directory, .gguf file, or None for the bundled SmolLM2
     tokenizer: str | None = None  # defaults to the model directory
-    dtype: str = "auto"  # auto = bfloat16 on CUDA and bf16-capable CPUs, else float32
+    dtype: str = "auto"  # auto = bfloat16 on CUDA and on CPUs where it is faster, else float32
     device: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 128
@@ -27,7 +28,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU pool budget (default 1 GiB)
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # exact pool size; overrides the byte budget
-    attention_backend: str | None = None  # "torch" | "triton"; default by device
+    attention_backend: str | None = None  # "cpu" | "torch" | "triton"; default by device
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode-only steps
     seed: int = 0
     skip_tokenizer_init: bool = False
@@ -56,7 +57,7 @@ class EngineConfig:
             raise ValueError(
                 "attention_backend='triton' needs a CUDA device; on CPU it runs only in the "
                 "Triton interpreter (set TRITON_INTERPRET=1 before starting; slow, for tests). "
-                "Use attention_backend='torch' on CPU.")
+                "Use attention_backend='cpu' or 'torch' on CPU.")
 
     @property
     def torch_device(self) -> torch.device:
@@ -66,10 +67,10 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        """auto: bfloat16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16 / AMX),
-        where it runs ~2.4x the fp32 matmul rate; float32 elsewhere."""
+        """auto: bfloat16 on CUDA; on CPU only where bf16 matmuls really run faster than fp32
+        (native AVX512-BF16/AMX and measured >= 1.5x at start-up), else float32."""
         if self.dtype == "auto":
-            if self.torch_device.type == "cuda" or cpu_has_native_bf16():
+            if self.torch_device.type == "cuda" or cpu_bf16_is_faster():
                 return torch.bfloat16
             return torch.float32
         return DTYPES[self.dtype]
@@ -78,17 +79,33 @@ class EngineConfig:
     def backend_name(self) -> str:
         if self.attention_backend is not None:
             return self.attention_backend
-        return "triton" if self.torch_device.type == "cuda" else "torch"
+        return "triton" if self.torch_device.type == "cuda" else "cpu"
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
+def cpu_bf16_is_faster(margin: float = 1.5) -> bool:
+    """Whether this CPU runs bf16 matmuls at least ``margin`` times faster than fp32.
+
+    The flag alone is not enough: on some AVX512-BF16 parts oneDNN's bf16 GEMM is slower
+    than MKL's fp32 one, so it is measured (about 50 ms, once per process)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+        for _ in range(2):
+            torch.nn.functional.linear(x, w)  # primitive creation, weight packing
+        best[dtype] = float("inf")
+        for _ in range(5):  # the fastest run: least disturbed by other processes
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] >= margin * best[torch.bfloat16]
 
 
 def default_model_path() -> str:

@@ -56,7 +56,6 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     Returns [num_tokens, num_heads, head_dim].
     """
     out = torch.empty_like(query)
-    block_size = key_cache.shape[1]
     decodes = [i for i in range(len(seq_lens)) if query_start_loc[i + 1] - query_start_loc[i] == 1]
     if len(decodes) > 1 and sliding_window is None:
         _decode_batch(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
@@ -65,22 +64,29 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     else:
         done = set()
     for i, seq_len in enumerate(seq_lens):
-        if i in done:
-            continue
-        start, end = query_start_loc[i], query_start_loc[i + 1]
-        query_len = end - start
-        num_blocks = -(-seq_len // block_size)
-        # [1, heads, len, head_dim]: with a batch dim SDPA takes its fused CPU kernel (a 3-D
-        # input falls back to the unfused math path, whose bf16 rounding differs).
-        k = _gather(key_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)[None]
-        v = _gather(value_cache, block_tables[i, :num_blocks], seq_len).transpose(0, 1)[None]
-        q = query[start:end].transpose(0, 1)[None]
-        mask = None
-        if query_len > 1 or sliding_window is not None:
-            mask = _causal_mask(seq_len - query_len, query_len, seq_len, sliding_window, q.device)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:end] = o[0].transpose(0, 1)
+        if i not in done:
+            start, end = query_start_loc[i], query_start_loc[i + 1]
+            out[start:end] = attend_sequence(query[start:end], key_cache, value_cache,
+                                             block_tables[i], seq_len, scale, sliding_window)
     return out
+
+
+def attend_sequence(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_ids: torch.Tensor, seq_len: int, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """One sequence: its query_len new queries [q, heads, dim] against its seq_len keys."""
+    query_len = query.shape[0]
+    num_blocks = -(-seq_len // key_cache.shape[1])
+    # [1, heads, len, head_dim]: with a batch dim SDPA takes its fused CPU kernel (a 3-D
+    # input falls back to the unfused math path, whose bf16 rounding differs).
+    k = _gather(key_cache, block_ids[:num_blocks], seq_len).transpose(0, 1)[None]
+    v = _gather(value_cache, block_ids[:num_blocks], seq_len).transpose(0, 1)[None]
+    q = query.transpose(0, 1)[None]
+    mask = None
+    if query_len > 1 or sliding_window is not None:
+        mask = _causal_mask(seq_len - query_len, query_len, seq_len, sliding_window, q.device)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def _decode_batch(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,

@@ -1,0 +1,139 @@
+// Paged decode attention for CPU: one query token per sequence, K/V read straight from the
+// block pool through the block table (no gather into padded tensors), online softmax over
+// one KV block at a time, fp32 accumulation. Parallel over (sequence, kv head); the query
+// heads sharing a kv head reuse each K/V row while it is in cache.
+//
+//   query        [num_seqs, num_heads, head_dim]            (row stride given)
+//   key/value    [num_blocks, block_size, num_kv_heads, head_dim]
+//   block_tables [num_seqs, max_blocks] int32,  seq_lens [num_seqs] int32
+//   out          [num_seqs, num_heads, head_dim]
+//   window       sliding window (0 = none): keys with q_pos - k_pos < window
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+void decode_kernel(const T* q, int64_t q_row, const T* kc, const T* vc, const int32_t* tables,
+                   const int32_t* lens, T* out, int64_t num_seqs, int64_t H, int64_t KVH, int64_t D,
+                   int64_t BS, int64_t max_blocks, int64_t s_block, int64_t s_tok, float scale,
+                   int64_t window) {
+  const int64_t G = H / KVH;
+  at::parallel_for(0, num_seqs * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), kf(BS * D), vf(BS * D), p(G * BS), m(G), l(G);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / KVH, h = idx % KVH;
+      const int64_t L = lens[b];
+      // Sliding window W: the query at position L-1 sees keys L-W .. L-1.
+      const int64_t first = window > 0 ? std::max<int64_t>(L - window, 0) : 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const T* qp = q + b * q_row + (h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qp[d]) * scale;
+        m[g] = -std::numeric_limits<float>::infinity();
+        l[g] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = first / BS; j * BS < L; ++j) {
+        const int64_t n = std::min(BS, L - j * BS);
+        const int64_t t0 = std::max<int64_t>(first - j * BS, 0);  // rows before it: out of window
+        const int64_t base = static_cast<int64_t>(tables[b * max_blocks + j]) * s_block + h * D;
+        // This block's rows of this kv head as fp32: read in place for fp32 pools (rows are
+        // s_tok apart), converted into a small buffer for bf16/fp16 ones.
+        const float* kb;
+        const float* vb;
+        int64_t row;
+        if constexpr (std::is_same_v<T, float>) {
+          kb = kc + base;
+          vb = vc + base;
+          row = s_tok;
+        } else {
+          for (int64_t t = t0; t < n; ++t) {
+            const T* kp = kc + base + t * s_tok;
+            const T* vp = vc + base + t * s_tok;
+            for (int64_t d = 0; d < D; ++d) {
+              kf[t * D + d] = static_cast<float>(kp[d]);
+              vf[t * D + d] = static_cast<float>(vp[d]);
+            }
+          }
+          kb = kf.data();
+          vb = vf.data();
+          row = D;
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = &qf[g * D];
+          float* pg = &p[g * BS];
+          float block_max = -std::numeric_limits<float>::infinity();
+          for (int64_t t = t0; t < n; ++t) {
+            const float* kt = kb + t * row;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; ++d) s += qg[d] * kt[d];
+            pg[t] = s;
+            block_max = std::max(block_max, s);
+          }
+          const float m_new = std::max(m[g], block_max);
+          const float corr = std::exp(m[g] - m_new);
+          float sum = 0.f;
+          for (int64_t t = t0; t < n; ++t) {
+            pg[t] = std::exp(pg[t] - m_new);
+            sum += pg[t];
+          }
+          l[g] = l[g] * corr + sum;
+          m[g] = m_new;
+          float* ag = &acc[g * D];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+          for (int64_t t = t0; t < n; ++t) {
+            const float pt = pg[t];
+            const float* vt = vb + t * row;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ag[d] += pt * vt[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* op = out + (b * H + h * G + g) * D;
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        for (int64_t d = 0; d < D; ++d) op[d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                           torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
+                           int64_t window) {
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
+              "query must be [num_seqs, num_heads, head_dim] with contiguous heads");
+  TORCH_CHECK(key_cache.is_contiguous() || (key_cache.stride(3) == 1 &&
+              key_cache.stride(2) == key_cache.size(3)), "key_cache rows must be contiguous");
+  TORCH_CHECK(key_cache.strides() == value_cache.strides(), "key/value caches differ in layout");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32,
+              "block_tables and seq_lens must be int32");
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  const int64_t num_seqs = query.size(0), H = query.size(1), D = query.size(2);
+  const int64_t BS = key_cache.size(1), KVH = key_cache.size(2);
+  TORCH_CHECK(H % KVH == 0, "num_heads must be a multiple of num_kv_heads");
+  auto out = torch::empty({num_seqs, H, D}, query.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode", [&] {
+    decode_kernel<scalar_t>(query.data_ptr<scalar_t>(), query.stride(0),
+                            key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(),
+                            tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
+                            out.data_ptr<scalar_t>(), num_seqs, H, KVH, D, BS, tables.size(1),
+                            key_cache.stride(0), key_cache.stride(1), static_cast<float>(scale),
+                            window);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention over the KV block pool (CPU)");
+}
