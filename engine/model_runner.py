@@ -14,6 +14,7 @@ import torch
 
 from .attention import AttentionMetadata, get_backend
 from .config import EngineConfig
+from .cpu_linear import PackedLinear, pack_linears
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
 from .model_config import ModelConfig
@@ -34,6 +35,8 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.model = load_model(model_dir, model_config, self.dtype, self.device)
+        if self.device.type == "cpu":
+            self._pack_cpu_weights()
         self.backend = get_backend(config.backend_name, model_config.head_dim,
                                    model_config.sliding_window)
         self.sampler = Sampler(model_config.vocab_size)
@@ -41,6 +44,13 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self._graphs: dict[int, tuple] = {}  # padded batch size -> (CUDA graph, its output)
+
+    def _pack_cpu_weights(self) -> None:
+        """oneDNN-prepacked weights for every linear layer, lm_head included (a tied lm_head
+        gets its own packed copy; the embedding keeps the plain one for lookups)."""
+        if pack_linears(self.model, batch_hint=self.config.max_num_seqs) and self.model.lm_head is None:
+            embed = self.model.model.embed_tokens.weight
+            self.model.lm_head = PackedLinear(embed, None, self.config.max_num_seqs)
 
     @property
     def bytes_per_block(self) -> int:

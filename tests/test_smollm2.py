@@ -18,7 +18,10 @@ CHATS = [
 
 
 def test_gguf_weights_match_transformers(smol_llm, hf_smol):
-    ours = smol_llm.engine.runner.model
+    from engine.loader import load_model
+
+    engine = smol_llm.engine  # the loader's own output, before CPU weight packing
+    ours = load_model(engine.model_dir, engine.model_config, torch.float32, torch.device("cpu"))
     ref = dict(hf_smol.named_parameters())
     layer = ours.model.layers[7]
     qkv = torch.cat([ref[f"model.layers.7.self_attn.{p}_proj.weight"] for p in "qkv"])

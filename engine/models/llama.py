@@ -174,8 +174,9 @@ class DecoderForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.model.embed_tokens.weight)
 
     def shard_slice(self, fused: str, shard: int) -> tuple[int, int]:
         """Rows of a fused parameter that hold one checkpoint tensor."""
