@@ -31,6 +31,10 @@ class EngineConfig:
     attention_backend: str | None = None  # "cpu" | "torch" | "triton"; default by device
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode-only steps
     seed: int = 0
+    # "int4": weight-only int4 (group 32) for steps of at most int4_max_rows tokens (CPU);
+    # bf16 activations there, so outputs are no longer fp32-exact. None: dense weights.
+    quantization: str | None = None
+    int4_max_rows: int = 8
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
@@ -47,6 +51,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
+        if self.quantization not in (None, "int4"):
+            raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}.")
+        if self.quantization == "int4" and self.torch_device.type != "cpu":
+            raise ValueError("quantization='int4' is implemented for CPU only.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1].")
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):

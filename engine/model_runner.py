@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from .attention import AttentionMetadata, get_backend
 from .config import EngineConfig
-from .cpu_linear import PackedLinear, pack_linears
+from .cpu_linear import pack_linears
+from .quant import Int4Linear, Int8Linear, supports_int4
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
 from .model_config import ModelConfig
@@ -47,10 +49,22 @@ class ModelRunner:
 
     def _pack_cpu_weights(self) -> None:
         """oneDNN-prepacked weights for every linear layer, lm_head included (a tied lm_head
-        gets its own packed copy; the embedding keeps the plain one for lookups)."""
-        if pack_linears(self.model, batch_hint=self.config.max_num_seqs) and self.model.lm_head is None:
+        gets its own copy; the embedding keeps the plain one for lookups). With
+        quantization="int4", each layer also gets int4 weights for small batches."""
+        hint = self.config.max_num_seqs
+        if self.model.lm_head is None:  # tied: an lm_head module over the embedding
             embed = self.model.model.embed_tokens.weight
-            self.model.lm_head = PackedLinear(embed, None, self.config.max_num_seqs)
+            self.model.lm_head = nn.Linear(embed.shape[1], embed.shape[0], bias=False,
+                                           device="meta")
+            self.model.lm_head.weight = embed
+        if self.config.quantization == "int4":
+            rows = self.config.int4_max_rows
+            for parent in list(self.model.model.modules()):  # not lm_head: see engine/quant.py
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear) and supports_int4(child.weight):
+                        setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint))
+            self.model.lm_head = Int8Linear(self.model.lm_head.weight, rows, hint)
+        pack_linears(self.model, batch_hint=hint)
 
     @property
     def bytes_per_block(self) -> int:

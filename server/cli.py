@@ -26,7 +26,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-bytes", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--num-kv-blocks", type=int)
-    p.add_argument("--attention-backend")
+    p.add_argument("--attention-backend", help="cpu | torch | triton (default by device)")
+    p.add_argument("--quantization", choices=["int4"],
+                   help="weight-only int4 for small-batch steps on CPU (not fp32-exact)")
+    p.add_argument("--int4-max-rows", type=int, help="largest step that takes the int4 path")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
 
