@@ -58,3 +58,14 @@ def test_bfloat16_real_model_answers(smol_llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_cpu_kv_budget_is_respected(tiny_models):
+    budget = 1 << 20
+    llm = LLM(tiny_models("llama")[0], skip_tokenizer_init=True, kv_cache_memory_bytes=budget,
+              dtype="float32")
+    runner = llm.engine.runner
+    pool_bytes = sum(t.numel() * t.element_size() for t in runner.kv_caches)
+    assert pool_bytes <= budget and pool_bytes > budget - runner.bytes_per_block
+    # a lone request must always fit: max_model_len is capped to the pool's capacity
+    assert llm.engine.max_model_len <= runner.num_blocks * llm.engine.config.block_size

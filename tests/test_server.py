@@ -82,6 +82,10 @@ def test_chat_matches_engine(client, smol_llm):
     assert resp.choices[0].finish_reason == "stop"
     assert resp.usage.completion_tokens == len(expected.token_ids)
     assert resp.object == "chat.completion" and resp.model == MODEL
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                          {"type": "text", "text": "of France?"}]}]
+    by_parts = client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=32)
+    assert by_parts.choices[0].message.content == expected.text
 
 
 def test_completions_match_engine(client, smol_llm):
