@@ -27,7 +27,8 @@ def _load():
                 from torch.utils.cpp_extension import load
 
                 _module = load(name="kvserve_paged_decode", sources=[_SOURCE],
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                               extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math",
+                                             "-fno-finite-math-only"],
                                extra_ldflags=["-fopenmp"],
                                verbose=False)
             except Exception as e:  # noqa: BLE001 - any build failure means: use torch ops

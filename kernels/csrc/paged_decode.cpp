@@ -79,7 +79,8 @@ void decode_kernel(const T* q, int64_t q_row, const T* kc, const T* vc, const in
           const float m_new = std::max(m[g], block_max);
           const float corr = std::exp(m[g] - m_new);
           float sum = 0.f;
-          for (int64_t t = t0; t < n; ++t) {
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = t0; t < n; ++t) {  // vector expf (libmvec) under -ffast-math
             pg[t] = std::exp(pg[t] - m_new);
             sum += pg[t];
           }
