@@ -24,10 +24,12 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = residual + x
             residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
+        if x.dtype == torch.float32:  # one fused kernel, bitwise equal to the form below
+            out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        else:  # transformers' order: normalize in fp32, round, then scale (bf16-exact)
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            out = self.weight * h.to(x.dtype)
         return out if residual is None else (out, residual)
 
 
@@ -45,11 +47,16 @@ class RotaryEmbedding:
         self.cos = emb.cos()
         self.sin = emb.sin()
 
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, KVH, D]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin) [T, 1, D] for this step's positions: once per step, shared by all layers."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+    # q: [T, H, D], k: [T, KVH, D]
+    cos, sin = cos_sin
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +101,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, positions, x, rotary, kv_cache, meta: AttentionMetadata,
+    def forward(self, x, cos_sin, kv_cache, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -103,7 +110,7 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, cos_sin)
         out = backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -130,12 +137,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, positions, h, residual, rotary, kv_cache, meta, backend):
+    def forward(self, h, residual, cos_sin, kv_cache, meta, backend):
         if residual is None:
             residual, h = h, self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, h, rotary, kv_cache, meta, backend)
+        h = self.self_attn(h, cos_sin, kv_cache, meta, backend)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -168,8 +175,9 @@ class DecoderForCausalLM(nn.Module):
         """Hidden states [num_tokens, hidden] after the final norm."""
         h = self.model.embed_tokens(input_ids)
         residual = None
+        cos_sin = self.rotary.lookup(positions, h.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h, residual = layer(positions, h, residual, self.rotary, kv_cache, meta, backend)
+            h, residual = layer(h, residual, cos_sin, kv_cache, meta, backend)
         h, _ = self.model.norm(h, residual)
         return h
 
