@@ -7,6 +7,7 @@ in the same step read prefix blocks another request is computing (see KVCacheMan
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,17 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+
+    @functools.cached_property
+    def decode_split(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(query rows of the single-token sequences, those sequences' indices, the indices of
+        the multi-token ones): derived once per step, shared by every layer."""
+        qsl = self.query_start_loc_cpu
+        decodes = [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
+        device = self.query_start_loc.device
+        rows = torch.tensor([qsl[i] for i in decodes], dtype=torch.long, device=device)
+        idx = torch.tensor(decodes, dtype=torch.long, device=device)
+        return rows, idx, [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] > 1]
 
 
 class AttentionBackend:
@@ -71,17 +83,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return self._decode(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                 self.scale, self.sliding_window)
         out = torch.empty_like(q)
-        decodes = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-        if decodes:
-            rows = torch.tensor([qsl[i] for i in decodes], device=q.device)
-            idx = torch.tensor(decodes, device=q.device)
+        rows, idx, prefills = meta.decode_split
+        if len(rows):
             out[rows] = self._decode(q[rows], key_cache, value_cache, meta.block_tables[idx],
                                      meta.seq_lens[idx], self.scale, self.sliding_window)
-        for i in range(len(lens)):
-            if qsl[i + 1] - qsl[i] > 1:
-                out[qsl[i]:qsl[i + 1]] = reference.attend_sequence(
-                    q[qsl[i]:qsl[i + 1]], key_cache, value_cache, meta.block_tables[i], lens[i],
-                    self.scale, self.sliding_window)
+        for i in prefills:
+            out[qsl[i]:qsl[i + 1]] = reference.attend_sequence(
+                q[qsl[i]:qsl[i + 1]], key_cache, value_cache, meta.block_tables[i], lens[i],
+                self.scale, self.sliding_window)
         return out
 
 
