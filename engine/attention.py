@@ -62,31 +62,34 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """CPU default: decode rows through the C++ paged-decode op (reads K/V in place from the
-    pool), prefill chunks through per-sequence SDPA. Falls back to the torch backend's ops when
-    the op cannot be built."""
+    """CPU default: K/V stored and decode rows attended by the C++ ops (torch.ops.kvserve.*,
+    reading K/V in place from the pool), prefill chunks through per-sequence SDPA. A pure
+    decode step is two op calls per layer with no host sync, so torch.compile can trace it.
+    Falls back to the torch backend's ops when the C++ ops cannot be built."""
     name = "cpu"
 
     def __init__(self, head_dim: int, sliding_window: int | None = None) -> None:
         super().__init__(head_dim, sliding_window)
         from kernels import cpu_attention
 
-        self._decode = cpu_attention.paged_decode if cpu_attention.available() else None
+        self.native = cpu_attention.available()
+        self.window = sliding_window or 0
 
     def forward(self, q, k, v, kv_cache, meta):
-        if self._decode is None:
+        if not self.native:
             return super().forward(q, k, v, kv_cache, meta)
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        reference.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
-        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        torch.ops.kvserve.store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
         if meta.max_query_len == 1:  # a pure decode step: one call for the whole batch
-            return self._decode(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                                self.scale, self.sliding_window)
+            return torch.ops.kvserve.paged_decode(q, key_cache, value_cache, meta.block_tables,
+                                                  meta.seq_lens, self.scale, self.window)
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         out = torch.empty_like(q)
         rows, idx, prefills = meta.decode_split
         if len(rows):
-            out[rows] = self._decode(q[rows], key_cache, value_cache, meta.block_tables[idx],
-                                     meta.seq_lens[idx], self.scale, self.sliding_window)
+            out[rows] = torch.ops.kvserve.paged_decode(
+                q[rows], key_cache, value_cache, meta.block_tables[idx], meta.seq_lens[idx],
+                self.scale, self.window)
         for i in prefills:
             out[qsl[i]:qsl[i + 1]] = reference.attend_sequence(
                 q[qsl[i]:qsl[i + 1]], key_cache, value_cache, meta.block_tables[i], lens[i],

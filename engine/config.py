@@ -35,6 +35,9 @@ class EngineConfig:
     # bf16 activations there, so outputs are no longer fp32-exact. None: dense weights.
     quantization: str | None = None
     int4_max_rows: int = 8
+    # CPU: torch.compile the decode-only steps (engine/cpu_compile.py). Graphs compile at
+    # start-up: ~30-40 s each on 2 cores the first time, a few seconds once cached on disk.
+    cpu_compile: bool = False
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +58,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}.")
         if self.quantization == "int4" and self.torch_device.type != "cpu":
             raise ValueError("quantization='int4' is implemented for CPU only.")
+        if self.cpu_compile and self.torch_device.type != "cpu":
+            raise ValueError("cpu_compile applies to CPU only; on CUDA decode steps run as "
+                             "CUDA graphs (unless enforce_eager).")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1].")
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):

@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import AttentionMetadata, get_backend
 from .config import EngineConfig
+from .cpu_compile import CompiledDecode
 from .cpu_linear import pack_linears
 from .quant import Int4Linear, Int8Linear, supports_int4
 from .kv_cache_manager import KVCacheManager
@@ -46,6 +47,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self._graphs: dict[int, tuple] = {}  # padded batch size -> (CUDA graph, its output)
+        self._compiled: CompiledDecode | None = None  # CPU: torch.compile'd decode steps
 
     def _pack_cpu_weights(self) -> None:
         """oneDNN-prepacked weights for every linear layer, lm_head included (a tied lm_head
@@ -83,7 +85,22 @@ class ModelRunner:
                           for _ in range(cfg.num_hidden_layers)]
         if self.device.type == "cuda" and not self.config.enforce_eager:
             self._capture_decode_graphs()
+        if self.config.cpu_compile:
+            self._compile_decode()
         return self.num_blocks
+
+    def _compile_decode(self) -> None:
+        if not getattr(self.backend, "native", False):
+            logger.warning("cpu_compile needs the C++ CPU attention ops (backend 'cpu'); "
+                           "running eagerly.")
+            return
+        # One graph per batch-size range the model branches on (see engine/cpu_compile.py).
+        sizes = {1, min(2, self.config.max_num_seqs)}
+        if self.config.quantization == "int4" and self.config.int4_max_rows < self.config.max_num_seqs:
+            sizes.add(max(2, self.config.int4_max_rows + 1))
+        self._compiled = CompiledDecode(self.model, self.backend, self.kv_caches,
+                                        self._max_positions(), self.block_size, sorted(sizes))
+        self._compiled.warm_up()
 
     def _blocks_from_budget(self) -> int:
         if self.device.type == "cuda":
@@ -247,6 +264,8 @@ class ModelRunner:
         hidden = None
         if self._graphs and meta.max_query_len == 1:
             hidden = self._replay_decode_graph(input_ids, positions, meta)
+        elif self._compiled is not None and meta.max_query_len == 1:
+            hidden = self._compiled(input_ids, positions, meta)
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not sampling_reqs:

@@ -30,6 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["int4"],
                    help="weight-only int4 for small-batch steps on CPU (not fp32-exact)")
     p.add_argument("--int4-max-rows", type=int, help="largest step that takes the int4 path")
+    p.add_argument("--cpu-compile", action="store_true", default=None,
+                   help="torch.compile decode steps on CPU (slow first start, then cached)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
 

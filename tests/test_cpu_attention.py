@@ -100,3 +100,29 @@ def test_launcher_checks():
     with pytest.raises(ValueError, match="one row per query"):
         cpu_attention.paged_decode(torch.randn(2, 1, 16), k, v,
                                    torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1]), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_matches_reference_and_skips_padding(dtype):
+    k_pool, v_pool = make_pool(6, 16, 3, 32, dtype)
+    k, v = torch.randn(5, 3, 32).to(dtype), torch.randn(5, 3, 32).to(dtype)
+    slots = torch.tensor([17, -1, 0, 95, -1])
+    ours = (k_pool.clone(), v_pool.clone())
+    ref = (k_pool.clone(), v_pool.clone())
+    cpu_attention.store_kv(k, v, *ours, slots)
+    reference.store_kv(k, v, *ref, slots)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    assert torch.equal(ours[0].view(-1, 3, 32)[95], k[3])
+    untouched = torch.ones(96, dtype=torch.bool)
+    untouched[[17, 0, 95]] = False
+    assert torch.equal(ours[0].view(-1, 3, 32)[untouched], k_pool.view(-1, 3, 32)[untouched])
+
+
+def test_store_kv_rejects_slots_outside_the_pool():
+    k_pool, v_pool = make_pool(2, 16, 1, 16, torch.float32)
+    with pytest.raises(IndexError, match="outside the KV pool"):
+        cpu_attention.store_kv(torch.randn(1, 1, 16), torch.randn(1, 1, 16), k_pool, v_pool,
+                               torch.tensor([32]))
+    with pytest.raises(ValueError, match="one slot per token"):
+        cpu_attention.store_kv(torch.randn(2, 1, 16), torch.randn(2, 1, 16), k_pool, v_pool,
+                               torch.tensor([3]))

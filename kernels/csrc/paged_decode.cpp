@@ -8,10 +8,12 @@
 //   block_tables [num_seqs, max_blocks] int32,  seq_lens [num_seqs] int32
 //   out          [num_seqs, num_heads, head_dim]
 //   window       sliding window (0 = none): keys with q_pos - k_pos < window
-#include <torch/extension.h>
+#include <torch/all.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -108,21 +110,25 @@ void decode_kernel(const T* q, int64_t q_row, const T* kc, const T* vc, const in
 
 }  // namespace
 
-torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
-                           torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
-                           int64_t window) {
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
-              "query must be [num_seqs, num_heads, head_dim] with contiguous heads");
-  TORCH_CHECK(key_cache.is_contiguous() || (key_cache.stride(3) == 1 &&
-              key_cache.stride(2) == key_cache.size(3)), "key_cache rows must be contiguous");
-  TORCH_CHECK(key_cache.strides() == value_cache.strides(), "key/value caches differ in layout");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32,
-              "block_tables and seq_lens must be int32");
-  auto tables = block_tables.contiguous();
-  auto lens = seq_lens.contiguous();
+torch::Tensor paged_decode(const torch::Tensor& query, const torch::Tensor& key_cache,
+                           const torch::Tensor& value_cache, const torch::Tensor& block_tables,
+                           const torch::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK_VALUE(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
+                    "query must be [num_seqs, num_heads, head_dim] with contiguous heads");
+  TORCH_CHECK_VALUE(query.scalar_type() == key_cache.scalar_type() &&
+                    key_cache.scalar_type() == value_cache.scalar_type(),
+                    "query, key_cache and value_cache must share a dtype");
+  TORCH_CHECK_VALUE(block_tables.size(0) == query.size(0) && seq_lens.size(0) == query.size(0),
+                    "block_tables and seq_lens need one row per query");
+  TORCH_CHECK_VALUE(key_cache.is_contiguous() || (key_cache.stride(3) == 1 &&
+                    key_cache.stride(2) == key_cache.size(3)), "key_cache rows must be contiguous");
+  TORCH_CHECK_VALUE(key_cache.strides() == value_cache.strides(),
+                    "key/value caches differ in layout");
+  auto tables = block_tables.to(torch::kInt32).contiguous();
+  auto lens = seq_lens.to(torch::kInt32).contiguous();
   const int64_t num_seqs = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t BS = key_cache.size(1), KVH = key_cache.size(2);
-  TORCH_CHECK(H % KVH == 0, "num_heads must be a multiple of num_kv_heads");
+  TORCH_CHECK_VALUE(H % KVH == 0, "num_heads must be a multiple of num_kv_heads");
   auto out = torch::empty({num_seqs, H, D}, query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode", [&] {
     decode_kernel<scalar_t>(query.data_ptr<scalar_t>(), query.stride(0),
@@ -135,6 +141,48 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention over the KV block pool (CPU)");
+// Writes each token's K/V row ([num_tokens, kv_heads, head_dim]) into its pool slot
+// (block * block_size + offset); slot -1 (padding) is skipped. No host sync, no masks.
+void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tensor& key_cache,
+              torch::Tensor& value_cache, const torch::Tensor& slot_mapping) {
+  TORCH_CHECK_VALUE(key_cache.is_contiguous() && value_cache.is_contiguous(),
+                    "key/value caches must be contiguous");
+  TORCH_CHECK_VALUE(key.scalar_type() == key_cache.scalar_type() &&
+                    value.scalar_type() == value_cache.scalar_type(),
+                    "key/value and their caches must share a dtype");
+  const int64_t T = key.size(0);
+  TORCH_CHECK_VALUE(slot_mapping.size(0) == T, "slot_mapping needs one slot per token");
+  const int64_t row = key_cache.size(2) * key_cache.size(3);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  TORCH_CHECK_VALUE(key.numel() == T * row && value.numel() == T * row,
+                    "key/value rows do not match the cache's kv_heads x head_dim");
+  auto k = key.contiguous(), v = value.contiguous();
+  auto slots = slot_mapping.to(torch::kInt64).contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const size_t bytes = row * key.element_size();
+  auto* kd = static_cast<char*>(key_cache.data_ptr());
+  auto* vd = static_cast<char*>(value_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(k.data_ptr());
+  const auto* vs = static_cast<const char*>(v.data_ptr());
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t s = sp[t];
+    if (s < 0) continue;
+    TORCH_CHECK_INDEX(s < num_slots, "slot ", s, " is outside the KV pool");
+    std::memcpy(kd + s * bytes, ks + t * bytes, bytes);
+    std::memcpy(vd + s * bytes, vs + t * bytes, bytes);
+  }
+}
+
+// Real torch ops (torch.ops.kvserve.*), not pybind functions: torch.compile'd graphs call
+// them straight from their wrapper, and the schemas tell it which inputs are written.
+TORCH_LIBRARY(kvserve, m) {
+  m.def("paged_decode(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+        "Tensor seq_lens, float scale, int window) -> Tensor");
+  m.def("store_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvserve, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("store_kv", &store_kv);
 }
