@@ -84,19 +84,20 @@ def serve(argv: list[str]) -> int:
 
     from engine.async_engine import AsyncLLMEngine
     from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
 
     from .app import ServerSettings, build_app
 
     engine_kwargs, srv = load_settings(argv)
     logging.basicConfig(level=srv.get("log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = LLMEngine(EngineConfig(**engine_kwargs))
+    # Loaded on the thread that will run it: one OpenMP thread team per process.
+    async_engine = AsyncLLMEngine.from_config(EngineConfig(**engine_kwargs),
+                                              srv.get("max_waiting_requests"))
     name = srv.get("served_model_name") or _default_name(engine_kwargs.get("model"))
     settings = ServerSettings(served_model_name=name, api_key=srv.get("api_key"),
                               request_timeout=srv.get("request_timeout"),
                               max_body_bytes=srv.get("max_body_bytes", 8 << 20))
-    app = build_app(AsyncLLMEngine(engine, srv.get("max_waiting_requests")), settings)
+    app = build_app(async_engine, settings)
     uvicorn.run(app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
                 log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5)
     return 0

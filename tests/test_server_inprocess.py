@@ -3,6 +3,7 @@ engine loop, aborts of queued requests. In-process (starlette TestClient) on a t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -125,3 +126,38 @@ def test_queue_bound_in_engine(tiny_engine):
 
     asyncio.run(main())
     assert_no_leak(tiny_engine)
+
+
+def test_from_config_loads_and_steps_on_one_thread(tiny_models, monkeypatch):
+    """The server builds its engine on the worker thread that steps it: a second thread
+    running parallel torch ops doubles the OpenMP threads and throttles libgomp."""
+    threads = {"init": set(), "step": set()}
+    init, step = LLMEngine.__init__, LLMEngine.step
+
+    def spy_init(self, *a, **k):
+        threads["init"].add(threading.get_ident())
+        init(self, *a, **k)
+
+    def spy_step(self):
+        threads["step"].add(threading.get_ident())
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", spy_init)
+    monkeypatch.setattr(LLMEngine, "step", spy_step)
+    config = EngineConfig(model=tiny_models("llama")[0], skip_tokenizer_init=True,
+                          num_kv_blocks=64)
+
+    async def main():
+        ae = AsyncLLMEngine.from_config(config)
+        ae.start()
+        outs = [o async for o in ae.generate("a", [1, 2, 3], SamplingParams(max_tokens=5))]
+        await ae.stop()
+        return ae, outs
+
+    ae, outs = asyncio.run(main())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 5
+    assert len(threads["init"]) == 1 and threads["init"] == threads["step"]
+    assert threading.get_ident() not in threads["init"]
+    assert_no_leak(ae.engine)
+    with pytest.raises(FileNotFoundError):  # a failed build reaches the caller
+        AsyncLLMEngine.from_config(EngineConfig(model="/nonexistent/model"))
