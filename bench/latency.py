@@ -33,7 +33,6 @@ JSON goes to stdout and, with ``--output FILE``, to FILE.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import random
@@ -51,6 +50,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))  # the repo root: engine, kernels, server
 
+from bench.engine_args import parse_engine_args  # noqa: E402
+
 
 def summary(values: list[float]) -> dict:
     s = sorted(values)
@@ -61,17 +62,6 @@ def summary(values: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Batch latency (in-process engine)
 # ---------------------------------------------------------------------------------------------
-def parse_engine_args(pairs: list[str]) -> dict:
-    kwargs = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            kwargs[key.replace("-", "_")] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key.replace("-", "_")] = value
-    return kwargs
-
-
 def batch_latency(args) -> dict:
     import torch
 

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import torch  # noqa: E402
 
+from bench.engine_args import parse_engine_args  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 
 
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra LLM(...) argument, e.g. quantization=int8 or cpu_compile=True")
     p.add_argument("--baseline", choices=["none", "hf"], default="none")
     p.add_argument("--hf-batch-size", type=int, default=64, help="padded generate() batch size")
     p.add_argument("--hf-generate-batch", action="store_true",
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                             ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
-    llm = LLM(args.model, dtype=args.dtype, **kw)
+    llm = LLM(args.model, dtype=args.dtype, **kw, **parse_engine_args(args.engine_arg))
     requests = make_requests(args, llm.engine.model_config.vocab_size)
     n_in = sum(len(ids) for ids, _ in requests)
     n_out = sum(n for _, n in requests)
