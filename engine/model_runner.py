@@ -17,7 +17,7 @@ from .attention import AttentionMetadata, get_backend
 from .config import EngineConfig
 from .cpu_compile import CompiledDecode
 from .cpu_linear import pack_linears
-from .quant import Int4Linear, Int8Linear, supports_int4
+from .quant import LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear, supports_int4
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
 from .model_config import ModelConfig
@@ -65,7 +65,8 @@ class ModelRunner:
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear) and supports_int4(child.weight):
                         setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint))
-            self.model.lm_head = Int8Linear(self.model.lm_head.weight, rows, hint)
+            self.model.lm_head = Int8Linear(self.model.lm_head.weight,
+                                            min(rows, LM_HEAD_INT8_MAX_ROWS), hint)
         pack_linears(self.model, batch_hint=hint)
 
     @property
