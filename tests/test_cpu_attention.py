@@ -35,7 +35,8 @@ def random_tables(seq_lens, block_size, num_blocks, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (8, 2, 80),
-                                                        (10, 2, 48), (4, 1, 128)])
+                                                        (10, 2, 48), (4, 1, 128), (6, 2, 32),
+                                                        (2, 2, 16)])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_decode_matches_reference(dtype, heads, kv_heads, head_dim, block_size):
     lens = [1, 15, 16, 17, 100, 333]
@@ -58,6 +59,19 @@ def test_decode_sliding_window(window):
     ref = torch.stack([reference.attend_sequence(q[i:i + 1], k, v, tables[i], n, 0.2, window)[0]
                        for i, n in enumerate(lens)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale, tol", [(3.0, 1e-5), (30.0, 3e-4)])
+def test_decode_peaked_softmax(scale, tol):
+    """Scores hundreds apart: the vector exp's range reduction and underflow to 0. (At scale
+    30 a score is ~250, so fp32 rounding of the dot product alone moves a weight by ~3e-5.)"""
+    lens = [5, 64, 130]
+    k, v = make_pool(64, 16, 2, 64, torch.float32, seed=3)
+    tables = random_tables(lens, 16, 64)
+    q = torch.randn(len(lens), 6, 64)
+    out = cpu_attention.paged_decode(q, k, v, tables, torch.tensor(lens), scale)
+    ref = reference.paged_attention(q, k, v, list(range(len(lens) + 1)), lens, tables, scale)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 def test_zero_length_sequence_gives_zeros_and_nan_pool_is_not_read():
