@@ -186,7 +186,7 @@ void decode_kernel_avx512(const T* q, int64_t q_row, const T* kc, const T* vc,
   constexpr int64_t D = 16 * NV;
   const int64_t G = H / KVH;
   at::parallel_for(0, num_seqs * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), scores, accv(G * D);
+    std::vector<float> qf(G * D), scores, accv(G * D), inv(G);
     std::vector<int64_t> rows;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / KVH, h = idx % KVH;
@@ -236,7 +236,6 @@ void decode_kernel_avx512(const T* q, int64_t q_row, const T* kc, const T* vc,
         }
       }
       // Softmax over each head's n scores, 16 at a time (the tail masked).
-      std::vector<float> inv(G);
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * n;
         const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
