@@ -50,7 +50,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))  # the repo root: engine, kernels, server
 
-from bench.engine_args import parse_engine_args  # noqa: E402
+from bench.common import emit_json, parse_engine_args  # noqa: E402
 
 
 def summary(values: list[float]) -> dict:
@@ -261,12 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit_json(result, args.output)
     return 0
 
 

@@ -41,6 +41,9 @@ import httpx
 # cannot shadow a package of the same name (kvserve's kernels, or the one transformers probes).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))  # the repo root, for bench.common
+
+from bench.common import emit_json  # noqa: E402
 
 # Common English words that are one token (with their leading space) in the BPE vocabularies
 # of Llama 2/3, Mistral, Qwen2/3, GPT-2 and SmolLM2: a prompt of N such words is about N
@@ -522,14 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: give up without a summary
         print("\ninterrupted", file=sys.stderr)
         return 130
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = args.output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.output)
+    emit_json(summary, args.output)
     if summary["interrupted"]:
         return 130
     return 0 if summary["completed"] else 1

@@ -9,7 +9,6 @@ fraction of the matmul floor (model FLOPs / measured peak matmul FLOP/s of this 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -23,7 +22,7 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import torch  # noqa: E402
 
-from bench.engine_args import parse_engine_args  # noqa: E402
+from bench.common import emit_json, parse_engine_args  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 
 
@@ -156,11 +155,7 @@ def main(argv=None) -> int:
             if t is not None:
                 result["hf_generate_batch"] = _rates(t, n_in, n_out)
                 result["ratio_vs_hf_generate_batch"] = t / elapsed
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    emit_json(result, args.output)
     return 0
 
 
