@@ -32,7 +32,10 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode-only steps
     seed: int = 0
     # "int4": weight-only int4 (group 32) for steps of at most int4_max_rows tokens (CPU);
-    # bf16 activations there, so outputs are no longer fp32-exact. None: dense weights.
+    # bf16 activations there, so outputs are no longer fp32-exact.
+    # "int8": int8 weights x int8 activations (per row, on the fly) for the attention and
+    # gate/up projections, every step (CPU, float32 otherwise). None: dense weights.
+    # Neither is fp32-exact; see engine/quant.py for their accuracy on the default model.
     quantization: str | None = None
     int4_max_rows: int = 8
     # CPU: torch.compile the decode-only steps (engine/cpu_compile.py). Graphs compile at
@@ -54,10 +57,14 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
-        if self.quantization not in (None, "int4"):
-            raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}.")
-        if self.quantization == "int4" and self.torch_device.type != "cpu":
-            raise ValueError("quantization='int4' is implemented for CPU only.")
+        if self.quantization not in (None, "int4", "int8"):
+            raise ValueError(f"quantization must be None, 'int4' or 'int8'; "
+                             f"got {self.quantization!r}.")
+        if self.quantization is not None and self.torch_device.type != "cpu":
+            raise ValueError(f"quantization={self.quantization!r} is implemented for CPU only.")
+        if self.quantization == "int8" and self.dtype not in ("auto", "float32"):
+            raise ValueError("quantization='int8' keeps float32 activations between its int8 "
+                             f"matmuls; use dtype='float32' (or 'auto'), not {self.dtype!r}.")
         if self.cpu_compile and self.torch_device.type != "cpu":
             raise ValueError("cpu_compile applies to CPU only; on CUDA decode steps run as "
                              "CUDA graphs (unless enforce_eager).")
@@ -84,6 +91,8 @@ class EngineConfig:
         """auto: bfloat16 on CUDA; on CPU only where bf16 matmuls really run faster than fp32
         (native AVX512-BF16/AMX and measured >= 1.5x at start-up), else float32."""
         if self.dtype == "auto":
+            if self.quantization == "int8":
+                return torch.float32
             if self.torch_device.type == "cuda" or cpu_bf16_is_faster():
                 return torch.bfloat16
             return torch.float32

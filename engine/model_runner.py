@@ -17,7 +17,9 @@ from .attention import AttentionMetadata, get_backend
 from .config import EngineConfig
 from .cpu_compile import CompiledDecode
 from .cpu_linear import pack_linears
-from .quant import LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear, supports_int4
+from .calibration import input_absmax
+from .quant import (INT8_SKIP, LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear, W8A8Linear,
+                    supports_int4)
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
 from .model_config import ModelConfig
@@ -52,7 +54,8 @@ class ModelRunner:
     def _pack_cpu_weights(self) -> None:
         """oneDNN-prepacked weights for every linear layer, lm_head included (a tied lm_head
         gets its own copy; the embedding keeps the plain one for lookups). With
-        quantization="int4", each layer also gets int4 weights for small batches."""
+        quantization="int4", each layer also gets int4 weights for small batches; with "int8",
+        the attention and gate/up projections become int8 x int8 layers."""
         hint = self.config.max_num_seqs
         if self.model.lm_head is None:  # tied: an lm_head module over the embedding
             embed = self.model.model.embed_tokens.weight
@@ -67,7 +70,21 @@ class ModelRunner:
                         setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint))
             self.model.lm_head = Int8Linear(self.model.lm_head.weight,
                                             min(rows, LM_HEAD_INT8_MAX_ROWS), hint)
+        elif self.config.quantization == "int8":
+            self._quantize_w8a8()
         pack_linears(self.model, batch_hint=hint)
+
+    def _quantize_w8a8(self) -> None:
+        from kernels import cpu_ops
+
+        targets = [(parent, name, child) for parent in list(self.model.model.modules())
+                   for name, child in parent.named_children()
+                   if isinstance(child, nn.Linear) and name not in INT8_SKIP]
+        absmax = input_absmax(self.model, [child for _, _, child in targets],
+                              self.model_config.vocab_size)
+        native = cpu_ops.available()
+        for parent, name, child in targets:
+            setattr(parent, name, W8A8Linear(child.weight, child.bias, absmax[child], native))
 
     @property
     def bytes_per_block(self) -> int:

@@ -75,6 +75,20 @@ def test_compiled_int4_matches_eager_across_kernel_switch(tiny_models):
     assert {1, 2, 3} <= set(sizes) and max(sizes) >= 4
 
 
+def test_compiled_int8_matches_eager(tiny_models):
+    """The int8 op runs inside the compiled graph (a registered fake gives its shapes)."""
+    prompts = make_prompts([3, 40, 9, 64], seed=14)
+    arrivals = {1: 2, 2: 4, 3: 4}
+    outs = {}
+    for compiled in (False, True):
+        llm = tiny_llm(tiny_models, "qwen2", quantization="int8", cpu_compile=compiled)
+        sizes = count_compiled_steps(llm) if compiled else None
+        outs[compiled] = run_with_arrivals(llm, prompts, arrivals)
+        assert_no_leak(llm.engine)
+    assert outs[True] == outs[False]
+    assert {1, 2, 4} <= set(sizes)
+
+
 def test_compiled_decode_under_preemption(tiny_models):
     """A pool too small for the batch: requests are preempted and recomputed, and the
     compiled steps see batch sizes go down and up again."""

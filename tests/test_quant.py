@@ -1,4 +1,5 @@
-"""quantization="int4": GGUF codes recovered exactly; accuracy against fp32 on the real model."""
+"""quantization="int4" and "int8": GGUF codes recovered exactly (int4), the int8 op against its
+torch reference, accuracy against fp32 on the real model, every architecture wired."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.loader import load_model
-from engine.quant import Int4Linear, quantize_int4
+from engine.quant import Int4Linear, quantize_int4, quantize_w8a8, w8a8_linear_torch
+from kernels import cpu_ops
 from test_bf16 import TEXT, teacher_forced_logits
 
 
@@ -43,8 +45,94 @@ def test_int4_accuracy_against_fp32(smol_llm):
     assert "Paris" in out.outputs[0].text
 
 
-def test_int4_rejected_off_cpu():
+def test_quantization_option_checks():
     from engine import EngineConfig
 
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int3")
+    for q in ("int4", "int8"):
+        with pytest.raises(ValueError, match="CPU only"):
+            EngineConfig(quantization=q, device="cuda")
+    with pytest.raises(ValueError, match="float32 activations"):
+        EngineConfig(quantization="int8", dtype="bfloat16")
+    assert EngineConfig(quantization="int8").torch_dtype == torch.float32
+
+
+# Varied text (prose, numbers, code, Q&A): teacher-forced agreement on TEXT * 7 alone is
+# flattered by its repetition.
+VARIED = ("Paris is the capital and most populous city of France. It is located on the Seine "
+          "river, in the north of the country. The Louvre received 8.9 million visitors in 2023. "
+          "To install the package, run pip install requests, then call requests.get(url). "
+          "Q: How many legs does a spider have? A: Spiders have eight legs, while insects have "
+          "six. Water boils at 100 degrees Celsius at sea level, but at lower temperatures on "
+          "high mountains because the air pressure is lower. ")
+
+
+@pytest.mark.skipif(not cpu_ops.available(), reason="no C++ toolchain")
+@pytest.mark.parametrize("rows,k,n,num_outliers,with_bias",
+                         [(0, 64, 96, 4, False), (1, 64, 96, 0, True), (5, 70, 33, 4, True),
+                          (33, 576, 160, 16, False)])
+def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias):
+    """K and N off the 16-lane width exercise the scalar tails; outlier channels 100x larger
+    than the rest must not coarsen the others (the scale excludes them)."""
+    torch.manual_seed(rows + k)
+    w, x = torch.randn(n, k) * 0.1, torch.randn(rows, k)
+    hot = torch.randperm(k)[:num_outliers]
+    x[:, hot] *= 100
+    absmax = x.abs().amax(0) if rows else torch.rand(k)
+    args = quantize_w8a8(w, absmax, num_outliers)
+    if rows:
+        assert set(args[2].tolist()) == set(hot.tolist())
+    bias = torch.randn(n) if with_bias else None
+    ours = torch.ops.kvserve.w8a8_linear(x, *args, bias)
+    ref = w8a8_linear_torch(x, *args, bias)
+    exact = x @ w.t() + (0 if bias is None else bias)
+    assert ours.shape == (rows, n)
+    if rows:
+        # Same codes up to a rare +-1 from x * (1/s) vs x / s; both within 1% of fp32.
+        scale = exact.abs().max()
+        assert (ours - ref).abs().max() <= 2e-3 * scale
+        assert (ours - exact).abs().max() <= 1e-2 * scale
+    assert torch.ops.kvserve.w8a8_linear(x.view(rows, 1, k), *args, bias).shape == (rows, 1, n)
+
+
+def test_int8_accuracy_against_fp32(smol_llm):
+    """Teacher-forced on varied text: int8 activations cost about what bf16 does (engine/quant.py
+    has the measurements: 98.1% top-1, KL 0.0013 on this text)."""
+    ref_llm = LLM(dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=1024)
+    ids = ref_llm.tokenizer.encode(VARIED * 3)[:320]
+    ref = teacher_forced_logits(ref_llm, ids)
+    q = LLM(enable_prefix_caching=False, max_num_batched_tokens=1024, quantization="int8")
+    ours = teacher_forced_logits(q, ids)
+    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    assert len(ids) == 320 and agree >= 0.97 and kl < 0.003, (agree, kl)
+    out = q.chat([{"role": "user", "content": "What is the capital of France?"}],
+                 SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
+    """Biases (qwen2), q/k norms (qwen3), GQA and sliding windows through the int8 layers.
+    With every input channel kept as an fp32 "outlier" the layers compute exactly x W^T, so
+    the logits must equal transformers' (this checks the wiring); with the real setting the
+    random tiny models (no outlier structure, activations ~10) still agree on >= 85%."""
+    import engine.quant
+    from test_parity_tiny import tiny_llm
+
+    hf = tiny_models(arch)[1]
+    ids = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    agree = {}
+    for outliers in (10 ** 6, engine.quant.INT8_OUTLIERS):
+        monkeypatch.setattr(engine.quant, "INT8_OUTLIERS", outliers)
+        llm = tiny_llm(tiny_models, arch, quantization="int8", enable_prefix_caching=False)
+        assert any(type(m).__name__ == "W8A8Linear" for m in llm.engine.runner.model.modules())
+        ours = teacher_forced_logits(llm, ids)
+        agree[outliers] = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        if outliers == 10 ** 6:
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert agree[10 ** 6] == 1.0 and agree[engine.quant.INT8_OUTLIERS] >= 0.85, agree

@@ -1,0 +1,58 @@
+"""The C++ CPU ops (kernels/csrc/*.cpp), built once with torch's cpp_extension (cached under
+~/.cache/torch_extensions) and registered as real torch ops, ``torch.ops.kvserve.*``:
+
+- ``paged_decode``, ``store_kv``: paged attention over the block pool (kernels/cpu_attention.py);
+- ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/quant.py).
+
+Real torch ops rather than pybind functions so torch.compile'd decode steps call them
+without leaving the compiled graph. If the build fails (no compiler), ``available()`` is
+False and callers keep their torch paths.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+_CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "int8_linear.cpp")]
+_lock = threading.Lock()
+_loaded = False
+_failed = False
+
+
+def available() -> bool:
+    global _loaded, _failed
+    with _lock:
+        if not _loaded and not _failed:
+            try:
+                from torch.utils.cpp_extension import load
+
+                load(name="kvserve_cpu_ops", sources=_SOURCES, is_python_module=False,
+                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math",
+                                   "-fno-finite-math-only"],
+                     extra_ldflags=["-fopenmp"], verbose=False)
+                _register_fakes()
+                _loaded = True
+            except Exception as e:  # noqa: BLE001 - any build failure means: use torch ops
+                logger.warning("C++ CPU ops unavailable (%s); using torch ops.", e)
+                _failed = True
+    return _loaded
+
+
+def _register_fakes() -> None:
+    """Shape functions, so torch.compile can trace through the ops."""
+    @torch.library.register_fake("kvserve::paged_decode")
+    def _(query, key_cache, value_cache, block_tables, seq_lens, scale, window):
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("kvserve::store_kv")
+    def _(key, value, key_cache, value_cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake("kvserve::w8a8_linear")
+    def _(x, w_q, w_scale, outliers, w_outliers, bias):
+        return x.new_empty((*x.shape[:-1], w_q.shape[0]))
