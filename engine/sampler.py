@@ -1,9 +1,11 @@
 """Batched sampling for requests with different settings in one step.
 
 Order per row: penalties and min_tokens on the raw logits -> greedy argmax, or
-temperature -> top-k / top-p / min-p filtering -> a draw. Draws use the exponential-race
-trick (argmax of p / Exp(1) noise), so a seeded request's noise comes from its own
-generator and its output does not depend on what else is in the batch.
+temperature -> top-k / top-p / min-p filtering -> a draw. A draw is one uniform number per
+row pushed through the row's CDF (cumsum + binary search), so a seeded request's draw
+comes from its own generator and its output does not depend on what else is in the batch.
+(The exponential race, argmax of p / Exp(1) noise, needs a random number per vocabulary
+entry: on CPU that was 95 ms per step at 64 rows x 49152 tokens, the CDF ~5 ms.)
 Logprobs are of the model's raw distribution (before penalties and temperature), as vLLM.
 """
 from __future__ import annotations
@@ -62,13 +64,16 @@ class Sampler:
         temps = torch.tensor([p.temperature for p in params], device=logits.device)
         sub = sub / temps.unsqueeze(1)
         sub = _filter(sub, params)
-        probs = torch.softmax(sub, dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+        cdf = torch.softmax(sub, dim=-1).cumsum_(dim=-1)
+        u = torch.rand(len(random_rows), device=logits.device)
         for j, i in enumerate(random_rows):
             gen = generators.get(reqs[i].request_id)
             if gen is not None:
-                noise[j] = torch.empty_like(probs[j]).exponential_(generator=gen)
-        greedy[rows] = (probs / noise).argmax(dim=-1)
+                u[j] = torch.rand((), generator=gen, device=logits.device)
+        # The first token whose cumulative mass exceeds u * total: never a zero-probability
+        # (filtered) token, since its CDF equals its predecessor's.
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        greedy[rows] = picks.clamp_(max=cdf.shape[1] - 1)
         return greedy
 
 

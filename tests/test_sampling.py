@@ -131,3 +131,27 @@ def test_abort_mid_generation_frees_blocks(smol_llm):
     done = [o for o in finals if o.finished]
     assert [o.request_id for o in done] == ["keep"] and len(done[0].outputs[0].token_ids) == 50
     assert_no_leak(engine)
+
+
+def test_draws_follow_the_filtered_distribution():
+    """The sampler alone on fixed logits, 20000 rows at once: empirical frequencies match
+    softmax(logits / T) renormalized over what top-k / top-p keep; filtered tokens never come."""
+    import torch
+
+    from engine.request import Request
+    from engine.sampler import Sampler
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    cases = [(SamplingParams(temperature=1.0), [0, 1, 2, 3, 4, 5]),
+             (SamplingParams(temperature=0.5, top_k=3), [0, 1, 2]),
+             (SamplingParams(temperature=1.0, top_p=0.8), [0, 1, 2])]
+    torch.manual_seed(0)
+    for params, kept in cases:
+        rows = 20000
+        reqs = [Request(f"r{i}", [1], params) for i in range(rows)]
+        out = torch.tensor(Sampler(6)(logits.repeat(rows, 1), reqs, {}).token_ids)
+        freq = torch.bincount(out, minlength=6).float() / rows
+        expect = torch.zeros(6)
+        expect[kept] = torch.softmax(logits[kept] / params.temperature, dim=-1)
+        assert set(out.unique().tolist()) <= set(kept)
+        assert (freq - expect).abs().max() < 0.015, (params, freq, expect)
