@@ -42,8 +42,9 @@ def input_absmax(model: nn.Module, layers: list[nn.Module], vocab_size: int,
     try:
         model.init_rotary(num_tokens, device)
         with torch.no_grad():
-            model(ids, torch.arange(num_tokens, device=device),
-                  [None] * len(model.model.layers), None, _CausalAttention())
+            hidden = model(ids, torch.arange(num_tokens, device=device),
+                           [None] * len(model.model.layers), None, _CausalAttention())
+            model.compute_logits(hidden)  # lm_head's input too
     finally:
         for h in hooks:
             h.remove()

@@ -33,8 +33,8 @@ class EngineConfig:
     seed: int = 0
     # "int4": weight-only int4 (group 32) for steps of at most int4_max_rows tokens (CPU);
     # bf16 activations there, so outputs are no longer fp32-exact.
-    # "int8": int8 weights x int8 activations (per row, on the fly) for the attention and
-    # gate/up projections, every step (CPU, float32 otherwise). None: dense weights.
+    # "int8": int8 weights x int8 activations (per row, on the fly) for every projection but
+    # down_proj, lm_head included, every step (CPU, float32 otherwise). None: dense weights.
     # Neither is fp32-exact; see engine/quant.py for their accuracy on the default model.
     quantization: str | None = None
     int4_max_rows: int = 8

@@ -55,7 +55,7 @@ class ModelRunner:
         """oneDNN-prepacked weights for every linear layer, lm_head included (a tied lm_head
         gets its own copy; the embedding keeps the plain one for lookups). With
         quantization="int4", each layer also gets int4 weights for small batches; with "int8",
-        the attention and gate/up projections become int8 x int8 layers."""
+        every projection but down_proj (lm_head included) becomes an int8 x int8 layer."""
         hint = self.config.max_num_seqs
         if self.model.lm_head is None:  # tied: an lm_head module over the embedding
             embed = self.model.model.embed_tokens.weight
@@ -77,7 +77,7 @@ class ModelRunner:
     def _quantize_w8a8(self) -> None:
         from kernels import cpu_ops
 
-        targets = [(parent, name, child) for parent in list(self.model.model.modules())
+        targets = [(parent, name, child) for parent in list(self.model.modules())
                    for name, child in parent.named_children()
                    if isinstance(child, nn.Linear) and name not in INT8_SKIP]
         absmax = input_absmax(self.model, [child for _, _, child in targets],

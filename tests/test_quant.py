@@ -98,7 +98,7 @@ def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias):
 
 def test_int8_accuracy_against_fp32(smol_llm):
     """Teacher-forced on varied text: int8 activations cost about what bf16 does (engine/quant.py
-    has the measurements: 98.1% top-1, KL 0.0013 on this text)."""
+    has the measurements: 99.1% top-1, KL 0.0010 on this text)."""
     ref_llm = LLM(dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=1024)
     ids = ref_llm.tokenizer.encode(VARIED * 3)[:320]
     ref = teacher_forced_logits(ref_llm, ids)
@@ -107,7 +107,7 @@ def test_int8_accuracy_against_fp32(smol_llm):
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean().item()
-    assert len(ids) == 320 and agree >= 0.97 and kl < 0.003, (agree, kl)
+    assert len(ids) == 320 and agree >= 0.98 and kl < 0.002, (agree, kl)
     out = q.chat([{"role": "user", "content": "What is the capital of France?"}],
                  SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
