@@ -12,6 +12,7 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ATTENTION_BACKENDS = ("cpu", "torch", "triton")  # engine.attention.BACKENDS
+QUANTIZATIONS = (None, "int4", "int8", "int4+int8")  # CPU only; see engine/quant.py
 
 
 @dataclass
@@ -34,7 +35,9 @@ class EngineConfig:
     # "int4": weight-only int4 (group 32) for steps of at most int4_max_rows tokens (CPU);
     # bf16 activations there, so outputs are no longer fp32-exact.
     # "int8": int8 weights x int8 activations (per row, on the fly) for every projection but
-    # down_proj, lm_head included, every step (CPU, float32 otherwise). None: dense weights.
+    # down_proj, lm_head included, every step (CPU, float32 otherwise).
+    # "int4+int8": int4 for steps of at most int4_max_rows tokens, int8 above (prefill and
+    # large batches: compute-bound, where int8's GEMM is fastest). None: dense weights.
     # Neither is fp32-exact; see engine/quant.py for their accuracy on the default model.
     quantization: str | None = None
     int4_max_rows: int = 8
@@ -57,14 +60,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
-        if self.quantization not in (None, "int4", "int8"):
-            raise ValueError(f"quantization must be None, 'int4' or 'int8'; "
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None, 'int4', 'int8' or 'int4+int8'; "
                              f"got {self.quantization!r}.")
         if self.quantization is not None and self.torch_device.type != "cpu":
             raise ValueError(f"quantization={self.quantization!r} is implemented for CPU only.")
-        if self.quantization == "int8" and self.dtype not in ("auto", "float32"):
-            raise ValueError("quantization='int8' keeps float32 activations between its int8 "
-                             f"matmuls; use dtype='float32' (or 'auto'), not {self.dtype!r}.")
+        if "int8" in (self.quantization or "") and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"quantization={self.quantization!r} keeps float32 activations "
+                             f"between its int8 matmuls; use dtype='float32' (or 'auto'), "
+                             f"not {self.dtype!r}.")
         if self.cpu_compile and self.torch_device.type != "cpu":
             raise ValueError("cpu_compile applies to CPU only; on CUDA decode steps run as "
                              "CUDA graphs (unless enforce_eager).")
@@ -91,7 +95,7 @@ class EngineConfig:
         """auto: bfloat16 on CUDA; on CPU only where bf16 matmuls really run faster than fp32
         (native AVX512-BF16/AMX and measured >= 1.5x at start-up), else float32."""
         if self.dtype == "auto":
-            if self.quantization == "int8":
+            if "int8" in (self.quantization or ""):
                 return torch.float32
             if self.torch_device.type == "cuda" or cpu_bf16_is_faster():
                 return torch.bfloat16

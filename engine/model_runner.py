@@ -55,26 +55,33 @@ class ModelRunner:
         """oneDNN-prepacked weights for every linear layer, lm_head included (a tied lm_head
         gets its own copy; the embedding keeps the plain one for lookups). With
         quantization="int4", each layer also gets int4 weights for small batches; with "int8",
-        every projection but down_proj (lm_head included) becomes an int8 x int8 layer."""
+        every projection but down_proj (lm_head included) becomes an int8 x int8 layer;
+        "int4+int8" is int4 up to int4_max_rows rows and those int8 layers above."""
         hint = self.config.max_num_seqs
+        quant = self.config.quantization or ""
         if self.model.lm_head is None:  # tied: an lm_head module over the embedding
             embed = self.model.model.embed_tokens.weight
             self.model.lm_head = nn.Linear(embed.shape[1], embed.shape[0], bias=False,
                                            device="meta")
             self.model.lm_head.weight = embed
-        if self.config.quantization == "int4":
+        int8 = self._w8a8_layers() if "int8" in quant else {}
+        if "int4" in quant:
             rows = self.config.int4_max_rows
             for parent in list(self.model.model.modules()):  # not lm_head: see engine/quant.py
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear) and supports_int4(child.weight):
-                        setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint))
-            self.model.lm_head = Int8Linear(self.model.lm_head.weight,
-                                            min(rows, LM_HEAD_INT8_MAX_ROWS), hint)
-        elif self.config.quantization == "int8":
-            self._quantize_w8a8()
+                        large = int8.pop((parent, name), None)
+                        setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint,
+                                                         dense=large))
+            if not int8:
+                self.model.lm_head = Int8Linear(self.model.lm_head.weight,
+                                                min(rows, LM_HEAD_INT8_MAX_ROWS), hint)
+        for (parent, name), layer in int8.items():
+            setattr(parent, name, layer)
         pack_linears(self.model, batch_hint=hint)
 
-    def _quantize_w8a8(self) -> None:
+    def _w8a8_layers(self) -> dict[tuple[nn.Module, str], W8A8Linear]:
+        """(parent, attribute) -> its int8 x int8 replacement, calibrated on this model."""
         from kernels import cpu_ops
 
         targets = [(parent, name, child) for parent in list(self.model.modules())
@@ -83,8 +90,8 @@ class ModelRunner:
         absmax = input_absmax(self.model, [child for _, _, child in targets],
                               self.model_config.vocab_size)
         native = cpu_ops.available()
-        for parent, name, child in targets:
-            setattr(parent, name, W8A8Linear(child.weight, child.bias, absmax[child], native))
+        return {(parent, name): W8A8Linear(child.weight, child.bias, absmax[child], native)
+                for parent, name, child in targets}
 
     @property
     def bytes_per_block(self) -> int:
@@ -114,7 +121,8 @@ class ModelRunner:
             return
         # One graph per batch-size range the model branches on (see engine/cpu_compile.py).
         sizes = {1, min(2, self.config.max_num_seqs)}
-        if self.config.quantization == "int4" and self.config.int4_max_rows < self.config.max_num_seqs:
+        if ("int4" in (self.config.quantization or "")
+                and self.config.int4_max_rows < self.config.max_num_seqs):
             sizes.add(max(2, self.config.int4_max_rows + 1))
         self._compiled = CompiledDecode(self.model, self.backend, self.kv_caches,
                                         self._max_positions(), self.block_size, sorted(sizes))

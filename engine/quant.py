@@ -36,15 +36,17 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int4Linear(nn.Module):
+    """int4 up to max_rows rows; above, ``dense`` (default: the prepacked fp32 weights)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int,
-                 batch_hint: int) -> None:
+                 batch_hint: int, dense: nn.Module | None = None) -> None:
         super().__init__()
         codes, scales = quantize_int4(weight)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.scales = scales.to(torch.bfloat16)
         self.bias = bias
         self.max_rows = max_rows
-        self.dense = PackedLinear(weight, bias, batch_hint)
+        self.dense = dense if dense is not None else PackedLinear(weight, bias, batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_rows:

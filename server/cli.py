@@ -27,9 +27,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--num-kv-blocks", type=int)
     p.add_argument("--attention-backend", help="cpu | torch | triton (default by device)")
-    p.add_argument("--quantization", choices=["int4", "int8"],
+    p.add_argument("--quantization", choices=["int4", "int8", "int4+int8"],
                    help="CPU: int4 = weight-only int4 for small-batch steps; int8 = int8 x int8 "
-                        "matmuls for every step (neither fp32-exact)")
+                        "matmuls for every step; int4+int8 = int4 small, int8 large steps "
+                        "(none is fp32-exact)")
     p.add_argument("--int4-max-rows", type=int, help="largest step that takes the int4 path")
     p.add_argument("--cpu-compile", action="store_true", default=None,
                    help="torch.compile decode steps on CPU (slow first start, then cached)")

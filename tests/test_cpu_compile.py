@@ -60,13 +60,15 @@ def test_compiled_decode_matches_transformers(tiny_models, arch):
     assert_no_leak(llm.engine)
 
 
-def test_compiled_int4_matches_eager_across_kernel_switch(tiny_models):
-    """int4 layers switch kernels above int4_max_rows: graphs for 1, 2..3 and 4+ rows."""
+@pytest.mark.parametrize("quantization", ["int4", "int4+int8"])
+def test_compiled_int4_matches_eager_across_kernel_switch(tiny_models, quantization):
+    """int4 layers switch kernels above int4_max_rows (to fp32, or to int8 x int8): graphs
+    for 1, 2..3 and 4+ rows."""
     prompts = make_prompts([3, 40, 9, 64, 20, 12], seed=12)
     arrivals = {1: 2, 2: 4, 3: 6, 4: 6, 5: 7}
     outs = {}
     for compiled in (False, True):
-        llm = tiny_llm(tiny_models, "llama", quantization="int4", int4_max_rows=3,
+        llm = tiny_llm(tiny_models, "llama", quantization=quantization, int4_max_rows=3,
                        cpu_compile=compiled)
         sizes = count_compiled_steps(llm) if compiled else None
         outs[compiled] = run_with_arrivals(llm, prompts, arrivals)

@@ -50,12 +50,13 @@ def test_quantization_option_checks():
 
     with pytest.raises(ValueError, match="quantization"):
         EngineConfig(quantization="int3")
-    for q in ("int4", "int8"):
+    for q in ("int4", "int8", "int4+int8"):
         with pytest.raises(ValueError, match="CPU only"):
             EngineConfig(quantization=q, device="cuda")
-    with pytest.raises(ValueError, match="float32 activations"):
-        EngineConfig(quantization="int8", dtype="bfloat16")
-    assert EngineConfig(quantization="int8").torch_dtype == torch.float32
+    for q in ("int8", "int4+int8"):
+        with pytest.raises(ValueError, match="float32 activations"):
+            EngineConfig(quantization=q, dtype="bfloat16")
+        assert EngineConfig(quantization=q).torch_dtype == torch.float32
 
 
 # Varied text (prose, numbers, code, Q&A): teacher-forced agreement on TEXT * 7 alone is
@@ -136,3 +137,29 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
         if outliers == 10 ** 6:
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     assert agree[10 ** 6] == 1.0 and agree[engine.quant.INT8_OUTLIERS] >= 0.85, agree
+
+
+def test_int4_plus_int8_picks_the_kernel_by_rows(tiny_models):
+    """int4 up to int4_max_rows rows, the int8 x int8 layer above; down_proj's large path stays
+    fp32 and lm_head is int8 x int8 at every size."""
+    from engine.cpu_linear import PackedLinear
+    from engine.quant import W8A8Linear
+    from test_parity_tiny import tiny_llm
+
+    llm = tiny_llm(tiny_models, "llama", quantization="int4+int8", int4_max_rows=4)
+    model = llm.engine.runner.model
+    layer = model.model.layers[0]
+    qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj
+    assert isinstance(qkv, Int4Linear) and isinstance(qkv.dense, W8A8Linear)
+    assert isinstance(down, Int4Linear) and isinstance(down.dense, PackedLinear)
+    assert isinstance(model.lm_head, W8A8Linear)
+    attn = tiny_models("llama")[1].model.layers[0].self_attn
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+    calls = []
+    qkv.dense.register_forward_hook(lambda *a: calls.append(a[1][0].shape[0]))
+    x = torch.randn(9, w.shape[1])
+    small, large = qkv(x[:4]), qkv(x)
+    assert calls == [9]  # only the 9-row call went to the int8 layer
+    for ours, tol in ((small, 0.1), (large, 0.02)):  # int4 of random weights is coarser
+        ref = x[:len(ours)] @ w.t()
+        assert (ours - ref).norm() / ref.norm() < tol
