@@ -34,8 +34,8 @@ class EngineConfig:
     seed: int = 0
     # "int4": weight-only int4 (group 32) for steps of at most int4_max_rows tokens (CPU);
     # bf16 activations there, so outputs are no longer fp32-exact.
-    # "int8": int8 weights x int8 activations (per row, on the fly) for every projection but
-    # down_proj, lm_head included, every step (CPU, float32 otherwise).
+    # "int8": int8 weights x int8 activations (per row, on the fly) for every projection,
+    # lm_head included, every step (CPU, float32 otherwise).
     # "int4+int8": int4 for steps of at most int4_max_rows tokens, int8 above (prefill and
     # large batches: compute-bound, where int8's GEMM is fastest). None: dense weights.
     # Neither is fp32-exact; see engine/quant.py for their accuracy on the default model.

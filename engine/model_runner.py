@@ -18,7 +18,7 @@ from .config import EngineConfig
 from .cpu_compile import CompiledDecode
 from .cpu_linear import pack_linears
 from .calibration import input_absmax
-from .quant import (INT8_SKIP, LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear, W8A8Linear,
+from .quant import (INT8_DYNAMIC_OUTLIERS, LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear, W8A8Linear,
                     supports_int4)
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
@@ -55,7 +55,7 @@ class ModelRunner:
         """oneDNN-prepacked weights for every linear layer, lm_head included (a tied lm_head
         gets its own copy; the embedding keeps the plain one for lookups). With
         quantization="int4", each layer also gets int4 weights for small batches; with "int8",
-        every projection but down_proj (lm_head included) becomes an int8 x int8 layer;
+        every projection (lm_head included) becomes an int8 x int8 layer;
         "int4+int8" is int4 up to int4_max_rows rows and those int8 layers above."""
         hint = self.config.max_num_seqs
         quant = self.config.quantization or ""
@@ -86,11 +86,12 @@ class ModelRunner:
 
         targets = [(parent, name, child) for parent in list(self.model.modules())
                    for name, child in parent.named_children()
-                   if isinstance(child, nn.Linear) and name not in INT8_SKIP]
+                   if isinstance(child, nn.Linear)]
         absmax = input_absmax(self.model, [child for _, _, child in targets],
                               self.model_config.vocab_size)
         native = cpu_ops.available()
-        return {(parent, name): W8A8Linear(child.weight, child.bias, absmax[child], native)
+        return {(parent, name): W8A8Linear(child.weight, child.bias, absmax[child], native,
+                                           INT8_DYNAMIC_OUTLIERS.get(name, 0))
                 for parent, name, child in targets}
 
     @property

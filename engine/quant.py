@@ -92,17 +92,20 @@ def supports_int4(weight: torch.Tensor) -> bool:
 # Activations are quantized per row on the fly (symmetric, scale = row max / 127), weights per
 # output channel. Accuracy on SmolLM2, teacher-forced top-1 agreement / mean KL against fp32
 # (tests/test_quant.py's varied text; bf16 scores ~98% / 0.0009 there, int4 98.5% / 0.0003):
-#   qkv, o, gate_up, down; plain             91.9% / 0.034
-#   + SmoothQuant scales (alpha 0.5)          95.8% / 0.010
-#   + 16 outlier channels in fp32             95.8% / 0.004
-#   down_proj left in fp32, 16 outliers       98.8% / 0.0013
-#   ... 32 outliers                           99.1% / 0.0009
-#   ... 32 outliers, lm_head int8 too         99.1% / 0.0010   <- this
-# down_proj's input (SiLU(gate) * up) has per-token spikes in varying channels that no fixed
-# channel set or smoothing catches (alone it costs 0.0036 KL; a 64-wide Hadamard rotation of
-# its input brought that to 0.0015, still more than all the other layers together).
+#   qkv, o, gate_up, down; plain                   91.9% / 0.034
+#   + SmoothQuant scales (alpha 0.5)                95.8% / 0.010
+#   + 16 outlier channels in fp32                   95.8% / 0.004
+#   down_proj left in fp32, 16 outliers             98.8% / 0.0013
+#   ... 32 outliers, lm_head int8 too               99.1% / 0.0010
+#   ... and down_proj int8, 8 per-row outliers      98.4% / 0.0018   <- this
+# Outliers are input channels kept out of the int8 product (their scale would crush the rest)
+# and added in fp32. Post-norm inputs (qkv, gate_up, lm_head) and o_proj's have fixed ones,
+# found once by calibration (engine/calibration.py). down_proj's input, SiLU(gate) * up, has
+# spikes that move from token to token: a fixed set misses them (0.0036 KL for down_proj alone,
+# 0.0015 with a 64-wide Hadamard rotation of its input), so each row's 8 largest entries are
+# taken out instead (0.0008).
 INT8_OUTLIERS = 32
-INT8_SKIP = ("down_proj",)
+INT8_DYNAMIC_OUTLIERS = {"down_proj": 8}
 
 
 def quantize_w8a8(weight: torch.Tensor, input_absmax: torch.Tensor, num_outliers: int | None = None):
@@ -120,30 +123,42 @@ def quantize_w8a8(weight: torch.Tensor, input_absmax: torch.Tensor, num_outliers
     return w_q, scale.contiguous(), outliers.to(torch.long).contiguous(), w_outliers
 
 
-def w8a8_linear_torch(x, w_q, w_scale, outliers, w_outliers, bias):
+def w8a8_linear_torch(x, w_q, w_scale, outliers, w_outliers, bias, w_t=None, dynamic=0):
     """The reference of torch.ops.kvserve.w8a8_linear in torch ops (also its fallback when
     the C++ ops cannot be built)."""
     x2 = x.reshape(-1, x.shape[-1]).float()
     rest = x2.clone()
     rest[:, outliers] = 0
+    extra = 0
+    if dynamic:
+        idx = rest.abs().topk(dynamic, dim=1).indices
+        extra = torch.einsum("mk,mkn->mn", rest.gather(1, idx), w_t[idx])
+        rest.scatter_(1, idx, 0.0)
     sx = (rest.abs().amax(dim=1, keepdim=True) / 127)
     sx = torch.where(sx > 0, sx, torch.ones_like(sx))
     xq = (rest / sx).round().clamp_(-127, 127).to(torch.int8)
     y = torch._int_mm(xq, w_q.t()).float() * sx * w_scale if len(x2) else x2.new_empty(0, len(w_scale))
-    y = y + x2[:, outliers] @ w_outliers
+    y = y + x2[:, outliers] @ w_outliers + extra
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], w_q.shape[0])
 
 
 class W8A8Linear(nn.Module):
+    """Fixed outlier channels from ``input_absmax`` (calibration), or with ``dynamic`` > 0 each
+    row's ``dynamic`` largest entries (then no fixed ones)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 input_absmax: torch.Tensor, native: bool) -> None:
+                 input_absmax: torch.Tensor, native: bool, dynamic: int = 0) -> None:
         super().__init__()
-        self.w_q, self.w_scale, self.outliers, self.w_outliers = quantize_w8a8(weight, input_absmax)
+        self.w_q, self.w_scale, self.outliers, self.w_outliers = quantize_w8a8(
+            weight, input_absmax, 0 if dynamic else None)
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.dynamic = dynamic
+        self.w_t = weight.detach().float().t().contiguous() if dynamic else None
         self.native = native  # the C++ op was built (kernels/cpu_ops.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = torch.ops.kvserve.w8a8_linear if self.native else w8a8_linear_torch
-        return fn(x, self.w_q, self.w_scale, self.outliers, self.w_outliers, self.bias)
+        return fn(x, self.w_q, self.w_scale, self.outliers, self.w_outliers, self.bias,
+                  self.w_t, self.dynamic)

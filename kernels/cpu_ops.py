@@ -54,5 +54,5 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("kvserve::w8a8_linear")
-    def _(x, w_q, w_scale, outliers, w_outliers, bias):
+    def _(x, w_q, w_scale, outliers, w_outliers, bias, w_t, dynamic):
         return x.new_empty((*x.shape[:-1], w_q.shape[0]))

@@ -73,20 +73,30 @@ VARIED = ("Paris is the capital and most populous city of France. It is located 
 @pytest.mark.parametrize("rows,k,n,num_outliers,with_bias",
                          [(0, 64, 96, 4, False), (1, 64, 96, 0, True), (5, 70, 33, 4, True),
                           (33, 576, 160, 16, False)])
-def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dynamic):
     """K and N off the 16-lane width exercise the scalar tails; outlier channels 100x larger
-    than the rest must not coarsen the others (the scale excludes them)."""
+    than the rest must not coarsen the others (the scale excludes them). Fixed outliers come
+    from calibration; dynamic ones are each row's largest entries, here spikes in a different
+    channel per row, which no fixed set could catch."""
     torch.manual_seed(rows + k)
     w, x = torch.randn(n, k) * 0.1, torch.randn(rows, k)
-    hot = torch.randperm(k)[:num_outliers]
-    x[:, hot] *= 100
-    absmax = x.abs().amax(0) if rows else torch.rand(k)
-    args = quantize_w8a8(w, absmax, num_outliers)
-    if rows:
-        assert set(args[2].tolist()) == set(hot.tolist())
+    if dynamic:
+        x[torch.arange(rows), torch.randint(0, k, (rows,))] *= 100
+        args = quantize_w8a8(w, torch.rand(k), 0)
+        extra = (w.t().contiguous(), max(num_outliers, 1))
+    else:
+        hot = torch.randperm(k)[:num_outliers]
+        x[:, hot] *= 100
+        absmax = x.abs().amax(0) if rows else torch.rand(k)
+        args = quantize_w8a8(w, absmax, num_outliers)
+        if rows:
+            assert set(args[2].tolist()) == set(hot.tolist())
+        extra = (None, 0)
     bias = torch.randn(n) if with_bias else None
-    ours = torch.ops.kvserve.w8a8_linear(x, *args, bias)
-    ref = w8a8_linear_torch(x, *args, bias)
+    args = (*args, bias, *extra)
+    ours = torch.ops.kvserve.w8a8_linear(x, *args)
+    ref = w8a8_linear_torch(x, *args)
     exact = x @ w.t() + (0 if bias is None else bias)
     assert ours.shape == (rows, n)
     if rows:
@@ -94,12 +104,12 @@ def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias):
         scale = exact.abs().max()
         assert (ours - ref).abs().max() <= 2e-3 * scale
         assert (ours - exact).abs().max() <= 1e-2 * scale
-    assert torch.ops.kvserve.w8a8_linear(x.view(rows, 1, k), *args, bias).shape == (rows, 1, n)
+    assert torch.ops.kvserve.w8a8_linear(x.view(rows, 1, k), *args).shape == (rows, 1, n)
 
 
 def test_int8_accuracy_against_fp32(smol_llm):
     """Teacher-forced on varied text: int8 activations cost about what bf16 does (engine/quant.py
-    has the measurements: 99.1% top-1, KL 0.0010 on this text)."""
+    has the measurements: 98.4% top-1, KL 0.0018 on this text)."""
     ref_llm = LLM(dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=1024)
     ids = ref_llm.tokenizer.encode(VARIED * 3)[:320]
     ref = teacher_forced_logits(ref_llm, ids)
@@ -108,7 +118,7 @@ def test_int8_accuracy_against_fp32(smol_llm):
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean().item()
-    assert len(ids) == 320 and agree >= 0.98 and kl < 0.002, (agree, kl)
+    assert len(ids) == 320 and agree >= 0.975 and kl < 0.0025, (agree, kl)
     out = q.chat([{"role": "user", "content": "What is the capital of France?"}],
                  SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
@@ -117,9 +127,10 @@ def test_int8_accuracy_against_fp32(smol_llm):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
     """Biases (qwen2), q/k norms (qwen3), GQA and sliding windows through the int8 layers.
-    With every input channel kept as an fp32 "outlier" the layers compute exactly x W^T, so
+    With every input channel kept as a fixed fp32 "outlier" the layers compute exactly x W^T, so
     the logits must equal transformers' (this checks the wiring); with the real setting the
     random tiny models (no outlier structure, activations ~10) still agree on >= 85%."""
+    import engine.model_runner
     import engine.quant
     from test_parity_tiny import tiny_llm
 
@@ -128,8 +139,10 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0].float()
     agree = {}
-    for outliers in (10 ** 6, engine.quant.INT8_OUTLIERS):
+    real = (engine.quant.INT8_OUTLIERS, engine.quant.INT8_DYNAMIC_OUTLIERS)
+    for outliers, dynamic in ((10 ** 6, {}), real):
         monkeypatch.setattr(engine.quant, "INT8_OUTLIERS", outliers)
+        monkeypatch.setattr(engine.model_runner, "INT8_DYNAMIC_OUTLIERS", dynamic)
         llm = tiny_llm(tiny_models, arch, quantization="int8", enable_prefix_caching=False)
         assert any(type(m).__name__ == "W8A8Linear" for m in llm.engine.runner.model.modules())
         ours = teacher_forced_logits(llm, ids)
@@ -140,9 +153,8 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
 
 
 def test_int4_plus_int8_picks_the_kernel_by_rows(tiny_models):
-    """int4 up to int4_max_rows rows, the int8 x int8 layer above; down_proj's large path stays
-    fp32 and lm_head is int8 x int8 at every size."""
-    from engine.cpu_linear import PackedLinear
+    """int4 up to int4_max_rows rows, the int8 x int8 layer above (down_proj's with per-row
+    outliers); lm_head is int8 x int8 at every size."""
     from engine.quant import W8A8Linear
     from test_parity_tiny import tiny_llm
 
@@ -151,7 +163,8 @@ def test_int4_plus_int8_picks_the_kernel_by_rows(tiny_models):
     layer = model.model.layers[0]
     qkv, down = layer.self_attn.qkv_proj, layer.mlp.down_proj
     assert isinstance(qkv, Int4Linear) and isinstance(qkv.dense, W8A8Linear)
-    assert isinstance(down, Int4Linear) and isinstance(down.dense, PackedLinear)
+    assert isinstance(down, Int4Linear) and isinstance(down.dense, W8A8Linear)
+    assert down.dense.dynamic > 0 and qkv.dense.dynamic == 0
     assert isinstance(model.lm_head, W8A8Linear)
     attn = tiny_models("llama")[1].model.layers[0].self_attn
     w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()

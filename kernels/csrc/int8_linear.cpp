@@ -6,6 +6,10 @@
 //   w_q        [N, K] int8, zero in the outlier columns; w_scale [N] fp32
 //   outliers   [n] int64 input channels computed in fp32; w_outliers [n, N] fp32 (W^T rows)
 //   bias       [N] fp32 or none
+//   w_t        [K, N] fp32 (W^T) when dynamic > 0: each row's `dynamic` largest |x| entries
+//              are taken out of the int8 product and added in fp32 from these rows. For
+//              inputs whose spikes move from token to token (down_proj's SiLU(gate) * up),
+//              where a fixed channel set misses them.
 //
 // Outlier channels are excluded from the row's scale: a post-norm activation carries a few
 // channels tens of times larger than the rest, and letting them set the scale would leave
@@ -23,11 +27,33 @@
 
 namespace {
 
+// The `dyn` entries of row[0..K) largest in magnitude: indices into idx, values into val,
+// and zeroed in row. A replace-the-smallest scan: dyn is small and few entries beat the
+// running minimum, so this is ~one compare per entry.
+void take_largest(float* row, int64_t K, int64_t dyn, int64_t* idx, float* val) {
+  int64_t filled = 0, low = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(row[k]);
+    if (filled < dyn) {
+      idx[filled] = k;
+      val[filled++] = row[k];
+      if (filled == dyn)
+        for (int64_t j = 0; j < dyn; ++j) low = std::fabs(val[j]) < std::fabs(val[low]) ? j : low;
+    } else if (a > std::fabs(val[low])) {
+      idx[low] = k;
+      val[low] = row[k];
+      for (int64_t j = 0; j < dyn; ++j) low = std::fabs(val[j]) < std::fabs(val[low]) ? j : low;
+    }
+  }
+  for (int64_t j = 0; j < filled; ++j) row[idx[j]] = 0.f;
+}
+
 // One row: the scale over the non-outlier channels, then codes = round(x / scale).
-void quantize_row(const float* x, int64_t K, const int64_t* outl, int64_t n_outl, float* row,
-                  int8_t* q, float* scale) {
+void quantize_row(const float* x, int64_t K, const int64_t* outl, int64_t n_outl, int64_t dyn,
+                  float* row, int8_t* q, float* scale, int64_t* dyn_idx, float* dyn_val) {
   std::copy(x, x + K, row);
   for (int64_t i = 0; i < n_outl; ++i) row[outl[i]] = 0.f;
+  if (dyn > 0) take_largest(row, K, dyn, dyn_idx, dyn_val);
   int64_t k = 0;
   float amax = 0.f;
 #if defined(__AVX512F__)
@@ -53,8 +79,9 @@ void quantize_row(const float* x, int64_t K, const int64_t* outl, int64_t n_outl
   *scale = s;
 }
 
-// One output row: y = acc * sx * w_scale (+ bias).
+// One output row: y = acc * sx * w_scale (+ bias) (+ the row's dynamic outliers).
 void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* bias, int64_t N,
+                    const float* w_t, int64_t dyn, const int64_t* dyn_idx, const float* dyn_val,
                     float* y) {
   int64_t n = 0;
 #if defined(__AVX512F__)
@@ -63,18 +90,23 @@ void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* 
     __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + n)), vs),
                              _mm512_loadu_ps(sw + n));
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+    for (int64_t j = 0; j < dyn; ++j)
+      v = _mm512_fmadd_ps(_mm512_set1_ps(dyn_val[j]), _mm512_loadu_ps(w_t + dyn_idx[j] * N + n), v);
     _mm512_storeu_ps(y + n, v);
   }
 #endif
   for (; n < N; ++n) {
     float v = static_cast<float>(acc[n]) * sx * sw[n];
-    y[n] = bias ? v + bias[n] : v;
+    if (bias) v += bias[n];
+    for (int64_t j = 0; j < dyn; ++j) v += dyn_val[j] * w_t[dyn_idx[j] * N + n];
+    y[n] = v;
   }
 }
 
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                        const at::Tensor& outliers, const at::Tensor& w_outliers,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& w_t, int64_t dynamic) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "w8a8_linear: x must be float32");
   TORCH_CHECK(w_q.scalar_type() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous(),
               "w8a8_linear: w_q must be a contiguous [N, K] int8 tensor");
@@ -89,6 +121,11 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
               "w8a8_linear: w_outliers must be [num_outliers, N]");
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
                         "w8a8_linear: bias must be [N] float32");
+  TORCH_CHECK(dynamic >= 0 && dynamic <= K, "w8a8_linear: dynamic must be in [0, K]");
+  if (dynamic > 0)
+    TORCH_CHECK(w_t && w_t->scalar_type() == at::kFloat && w_t->is_contiguous() &&
+                    w_t->size(0) == K && w_t->size(1) == N,
+                "w8a8_linear: dynamic outliers need w_t, a contiguous [K, N] float32 tensor");
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   const auto x2 = x.reshape({-1, K}).contiguous();
@@ -98,6 +135,9 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
 
   auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
   std::vector<float> sx(M), xo(M * std::max<int64_t>(n_outl, 1));
+  const int64_t dyn = dynamic;
+  std::vector<int64_t> dyn_idx(M * dyn);
+  std::vector<float> dyn_val(M * dyn);
   const auto outl_t = outliers.contiguous();
   const auto wo_t = w_outliers.to(at::kFloat).contiguous();
   const int64_t* outl = outl_t.data_ptr<int64_t>();
@@ -106,7 +146,8 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(xp + m * K, K, outl, n_outl, row.data(), xqp + m * K, &sx[m]);
+      quantize_row(xp + m * K, K, outl, n_outl, dyn, row.data(), xqp + m * K, &sx[m],
+                   dyn_idx.data() + m * dyn, dyn_val.data() + m * dyn);
       for (int64_t j = 0; j < n_outl; ++j) xo[m * n_outl + j] = xp[m * K + outl[j]];
     }
   });
@@ -115,10 +156,12 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   const int32_t* a = acc.data_ptr<int32_t>();
   const float* sw = w_scale.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  const float* wt = dyn > 0 ? w_t->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
-      dequantize_row(a + m * N, sx[m], sw, b, N, yp + m * N);
+      dequantize_row(a + m * N, sx[m], sw, b, N, wt, dyn, dyn_idx.data() + m * dyn,
+                     dyn_val.data() + m * dyn, yp + m * N);
   });
   if (n_outl > 0) {  // MKL's GEMM beats a fused FMA loop here (K = 16)
     auto xo_t = at::from_blob(xo.data(), {M, n_outl}, x.options());
@@ -131,7 +174,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(kvserve, m) {
   m.def("w8a8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor outliers, Tensor w_outliers, "
-        "Tensor? bias) -> Tensor");
+        "Tensor? bias, Tensor? w_t, int dynamic) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvserve, CPU, m) {
