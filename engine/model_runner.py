@@ -73,9 +73,11 @@ class ModelRunner:
                         large = int8.pop((parent, name), None)
                         setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint,
                                                          dense=large))
-            if not int8:
-                self.model.lm_head = Int8Linear(self.model.lm_head.weight,
-                                                min(rows, LM_HEAD_INT8_MAX_ROWS), hint)
+            # Weight-only int8 lm_head for a few rows: at 1 row it beats the W8A8 one
+            # (the int8 GEMM is slow at M=1, N=49152), which takes over above.
+            self.model.lm_head = Int8Linear(self.model.lm_head.weight,
+                                            min(rows, LM_HEAD_INT8_MAX_ROWS), hint,
+                                            dense=int8.pop((self.model, "lm_head"), None))
         for (parent, name), layer in int8.items():
             setattr(parent, name, layer)
         pack_linears(self.model, batch_hint=hint)

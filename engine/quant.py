@@ -66,14 +66,15 @@ class Int8Linear(nn.Module):
     """Per-output-channel symmetric int8 for lm_head: the tied embedding of a GGUF file is
     often 8-bit (Q8_0), which int4 would damage (top-1 agreement fell from 99% to 95%)."""
 
-    def __init__(self, weight: torch.Tensor, max_rows: int, batch_hint: int) -> None:
+    def __init__(self, weight: torch.Tensor, max_rows: int, batch_hint: int,
+                 dense: nn.Module | None = None) -> None:
         super().__init__()
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
         self.codes = (w / scale[:, None]).round().clamp_(-127, 127).to(torch.int8)
         self.scales = scale.to(torch.bfloat16)
         self.max_rows = max_rows
-        self.dense = PackedLinear(weight, None, batch_hint)
+        self.dense = dense if dense is not None else PackedLinear(weight, None, batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_rows:

@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.loader import load_model
-from engine.quant import Int4Linear, quantize_int4, quantize_w8a8, w8a8_linear_torch
+from engine.quant import Int4Linear, Int8Linear, quantize_int4, quantize_w8a8, w8a8_linear_torch
 from kernels import cpu_ops
 from test_bf16 import TEXT, teacher_forced_logits
 
@@ -154,7 +154,7 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
 
 def test_int4_plus_int8_picks_the_kernel_by_rows(tiny_models):
     """int4 up to int4_max_rows rows, the int8 x int8 layer above (down_proj's with per-row
-    outliers); lm_head is int8 x int8 at every size."""
+    outliers); lm_head is weight-only int8 up to 4 rows, int8 x int8 above."""
     from engine.quant import W8A8Linear
     from test_parity_tiny import tiny_llm
 
@@ -165,7 +165,7 @@ def test_int4_plus_int8_picks_the_kernel_by_rows(tiny_models):
     assert isinstance(qkv, Int4Linear) and isinstance(qkv.dense, W8A8Linear)
     assert isinstance(down, Int4Linear) and isinstance(down.dense, W8A8Linear)
     assert down.dense.dynamic > 0 and qkv.dense.dynamic == 0
-    assert isinstance(model.lm_head, W8A8Linear)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.lm_head.dense, W8A8Linear)
     attn = tiny_models("llama")[1].model.layers[0].self_attn
     w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
     calls = []
