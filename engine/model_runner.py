@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from .attention import AttentionMetadata, get_backend
+from .calibration import input_absmax
 from .config import EngineConfig
 from .cpu_compile import CompiledDecode
 from .cpu_linear import pack_linears
-from .calibration import input_absmax
-from .quant import (INT8_DYNAMIC_OUTLIERS, LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear, W8A8Linear,
-                    supports_int4)
+from .quant import (INT8_DYNAMIC_OUTLIERS, LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear,
+                    W8A8Linear, supports_int4)
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
 from .model_config import ModelConfig
