@@ -28,23 +28,38 @@
 namespace {
 
 // The `dyn` entries of row[0..K) largest in magnitude: indices into idx, values into val,
-// and zeroed in row. A replace-the-smallest scan: dyn is small and few entries beat the
-// running minimum, so this is ~one compare per entry.
+// and zeroed in row. Keeps the running top `dyn`; once it is full, 16 entries at a time are
+// compared with its smallest magnitude and only the few that beat it are looked at.
 void take_largest(float* row, int64_t K, int64_t dyn, int64_t* idx, float* val) {
   int64_t filled = 0, low = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const float a = std::fabs(row[k]);
+  float low_abs = 0.f;  // |val[low]|, the smallest kept, once filled == dyn
+  auto find_low = [&]() {
+    low = 0;
+    for (int64_t j = 1; j < dyn; ++j) low = std::fabs(val[j]) < std::fabs(val[low]) ? j : low;
+    low_abs = std::fabs(val[low]);
+  };
+  auto consider = [&](int64_t k) {
     if (filled < dyn) {
       idx[filled] = k;
       val[filled++] = row[k];
-      if (filled == dyn)
-        for (int64_t j = 0; j < dyn; ++j) low = std::fabs(val[j]) < std::fabs(val[low]) ? j : low;
-    } else if (a > std::fabs(val[low])) {
+      if (filled == dyn) find_low();
+    } else if (std::fabs(row[k]) > low_abs) {
       idx[low] = k;
       val[low] = row[k];
-      for (int64_t j = 0; j < dyn; ++j) low = std::fabs(val[j]) < std::fabs(val[low]) ? j : low;
+      find_low();
     }
+  };
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= K; k += 16) {
+    __mmask16 m = 0xFFFF;
+    if (filled == dyn)
+      m = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(row + k)), _mm512_set1_ps(low_abs),
+                             _CMP_GT_OQ);
+    for (; m; m &= m - 1) consider(k + __builtin_ctz(m));
   }
+#endif
+  for (; k < K; ++k) consider(k);
   for (int64_t j = 0; j < filled; ++j) row[idx[j]] = 0.f;
 }
 
