@@ -127,14 +127,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                             ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
-    llm = LLM(args.model, dtype=args.dtype, **kw, **parse_engine_args(args.engine_arg))
+    engine_args = parse_engine_args(args.engine_arg)
+    llm = LLM(args.model, dtype=args.dtype, **kw, **engine_args)
     requests = make_requests(args, llm.engine.model_config.vocab_size)
     n_in = sum(len(ids) for ids, _ in requests)
     n_out = sum(n for _, n in requests)
     result = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": str(llm.engine.runner.dtype),
               "num_prompts": args.num_prompts, "input_len": args.input_len,
               "output_len": args.output_len, "range_ratio": args.range_ratio,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "engine_args": engine_args}
     elapsed = run_kvserve(llm, requests)
     result["kvserve"] = _rates(elapsed, n_in, n_out)
     peak = matmul_peak_flops(llm.engine.runner.dtype)
