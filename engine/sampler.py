@@ -7,6 +7,7 @@ comes from its own generator and its output does not depend on what else is in t
 (The exponential race, argmax of p / Exp(1) noise, needs a random number per vocabulary
 entry: on CPU that was 91 ms per step at 64 rows x 49152 tokens; the CDF draw is 11 ms.)
 Logprobs are of the model's raw distribution (before penalties and temperature), as vLLM.
+On CPU the greedy argmax is the C++ op kvserve::argmax_rows (0.24 vs 2.8 ms at 64 rows).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
+        self._native_argmax: bool | None = None  # decided on the first CPU call
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request],
                  generators: dict[str, torch.Generator]) -> SamplerOutput:
@@ -53,8 +55,18 @@ class Sampler:
                 logits[i, banned] = float("-inf")
         return logits
 
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.device.type == "cpu":
+            if self._native_argmax is None:
+                from kernels import cpu_ops
+
+                self._native_argmax = cpu_ops.available()
+            if self._native_argmax:
+                return torch.ops.kvserve.argmax_rows(logits)
+        return logits.argmax(dim=-1)
+
     def _sample(self, logits, reqs, generators) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
+        greedy = self._argmax(logits)
         random_rows = [i for i, r in enumerate(reqs) if not r.sampling_params.greedy]
         if not random_rows:
             return greedy

@@ -2,7 +2,8 @@
 ~/.cache/torch_extensions) and registered as real torch ops, ``torch.ops.kvserve.*``:
 
 - ``paged_decode``, ``store_kv``: paged attention over the block pool (kernels/cpu_attention.py);
-- ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/quant.py).
+- ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/quant.py);
+- ``argmax_rows``: greedy sampling's per-row argmax (engine/sampler.py).
 
 Real torch ops rather than pybind functions so torch.compile'd decode steps call them
 without leaving the compiled graph. If the build fails (no compiler), ``available()`` is
@@ -18,7 +19,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "int8_linear.cpp")]
+_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "int8_linear.cpp",
+                                                       "argmax.cpp")]
 _lock = threading.Lock()
 _loaded = False
 _failed = False
@@ -52,6 +54,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kvserve::store_kv")
     def _(key, value, key_cache, value_cache, slot_mapping):
         return None
+
+    @torch.library.register_fake("kvserve::argmax_rows")
+    def _(x):
+        return x.new_empty(x.shape[0], dtype=torch.long)
 
     @torch.library.register_fake("kvserve::w8a8_linear")
     def _(x, w_q, w_scale, outliers, w_outliers, bias, w_t, dynamic):

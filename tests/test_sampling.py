@@ -155,3 +155,27 @@ def test_draws_follow_the_filtered_distribution():
         expect[kept] = torch.softmax(logits[kept] / params.temperature, dim=-1)
         assert set(out.unique().tolist()) <= set(kept)
         assert (freq - expect).abs().max() < 0.015, (params, freq, expect)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 16, 33, 49152])
+def test_native_argmax_matches_torch(vocab):
+    """Greedy's C++ argmax (kvserve::argmax_rows) against torch.argmax: ties go to the first
+    index, NaN counts as the largest, an all -inf row gives 0, odd widths use the scalar tail."""
+    import torch
+
+    from kernels import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("no C++ toolchain")
+    x = torch.randn(9, vocab, generator=torch.Generator().manual_seed(vocab))
+    x[1, 0] = x[1, vocab // 2] = x[1, -1] = 1e9  # a three-way tie
+    x[2, -1] = 1e9  # the max in the tail
+    x[3, -1] = float("nan")
+    x[4, vocab // 3] = float("nan")
+    x[4, -1] = float("nan")
+    x[5] = float("-inf")
+    x[6, 0] = float("inf")
+    ours = torch.ops.kvserve.argmax_rows(x)
+    assert torch.equal(ours, x.argmax(dim=-1)), (ours, x.argmax(dim=-1))
+    assert torch.equal(torch.ops.kvserve.argmax_rows(x[:, :0].new_empty(0, vocab)),
+                       torch.empty(0, dtype=torch.long))
