@@ -44,6 +44,11 @@ class EngineConfig:
     # CPU: torch.compile the decode-only steps (engine/cpu_compile.py). Graphs compile at
     # start-up: ~30-40 s each on 2 cores the first time, a few seconds once cached on disk.
     cpu_compile: bool = False
+    # The KV pool's element type: "auto" = the activation dtype. "bfloat16" (or "float16")
+    # under float32 activations halves the bytes that decode attention streams, its main
+    # cost at large batches on CPU, and doubles the tokens a byte budget holds; K/V are
+    # rounded once when stored, attention still accumulates in fp32. CPU only for now.
+    kv_cache_dtype: str = "auto"
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
@@ -69,6 +74,14 @@ class EngineConfig:
             raise ValueError(f"quantization={self.quantization!r} keeps float32 activations "
                              f"between its int8 matmuls; use dtype='float32' (or 'auto'), "
                              f"not {self.dtype!r}.")
+        if self.kv_cache_dtype not in ("auto", *DTYPES):
+            raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}.")
+        if (self.kv_cache_dtype != "auto" and self.torch_device.type != "cpu"
+                and DTYPES[self.kv_cache_dtype] != self.torch_dtype):
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} differs from the model "
+                             f"dtype ({self.torch_dtype}); a separate KV dtype is implemented "
+                             f"for CPU only (the Triton kernels read the activation dtype).")
         if self.cpu_compile and self.torch_device.type != "cpu":
             raise ValueError("cpu_compile applies to CPU only; on CUDA decode steps run as "
                              "CUDA graphs (unless enforce_eager).")
@@ -101,6 +114,10 @@ class EngineConfig:
                 return torch.bfloat16
             return torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return self.torch_dtype if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]
 
     @property
     def backend_name(self) -> str:

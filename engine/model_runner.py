@@ -38,6 +38,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
+        self.kv_dtype = config.kv_torch_dtype
         self.block_size = config.block_size
         self.model = load_model(model_dir, model_config, self.dtype, self.device)
         if self.device.type == "cpu":
@@ -99,7 +100,7 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         cfg = self.model_config
-        per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size * cfg.num_hidden_layers
 
     def allocate_kv_cache(self) -> int:
@@ -109,7 +110,7 @@ class ModelRunner:
         self.num_blocks = self.config.num_kv_blocks or self._blocks_from_budget()
         cfg = self.model_config
         shape = (2, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
         if self.device.type == "cuda" and not self.config.enforce_eager:
             self._capture_decode_graphs()

@@ -28,8 +28,9 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
     if (slot_mapping < 0).any():
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(
+        0, slot_mapping, value.to(value_cache.dtype))
 
 
 def _causal_mask(context_len: int, query_len: int, seq_len: int, sliding_window: int | None,
@@ -42,9 +43,11 @@ def _causal_mask(context_len: int, query_len: int, seq_len: int, sliding_window:
     return mask
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[seq_len, num_kv_heads, head_dim] rows of one sequence, read through its block table."""
-    return cache[block_ids].flatten(0, 1)[:seq_len]
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    """[seq_len, num_kv_heads, head_dim] rows of one sequence, read through its block table,
+    as ``dtype`` (the query's: a pool may be narrower, kv_cache_dtype)."""
+    return cache[block_ids].flatten(0, 1)[:seq_len].to(dtype)
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -79,8 +82,8 @@ def attend_sequence(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     num_blocks = -(-seq_len // key_cache.shape[1])
     # [1, heads, len, head_dim]: with a batch dim SDPA takes its fused CPU kernel (a 3-D
     # input falls back to the unfused math path, whose bf16 rounding differs).
-    k = _gather(key_cache, block_ids[:num_blocks], seq_len).transpose(0, 1)[None]
-    v = _gather(value_cache, block_ids[:num_blocks], seq_len).transpose(0, 1)[None]
+    k = _gather(key_cache, block_ids[:num_blocks], seq_len, query.dtype).transpose(0, 1)[None]
+    v = _gather(value_cache, block_ids[:num_blocks], seq_len, query.dtype).transpose(0, 1)[None]
     q = query.transpose(0, 1)[None]
     mask = None
     if query_len > 1 or sliding_window is not None:
@@ -98,8 +101,8 @@ def _decode_batch(query, key_cache, value_cache, query_start_loc, seq_lens, bloc
     max_len = int(lens.max())
     num_blocks = -(-max_len // block_size)
     tables = block_tables[idx, :num_blocks]
-    k = key_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, KVH, L, D]
-    v = value_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    k = key_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)  # [B, KVH, L, D]
+    v = value_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2).to(query.dtype)
     rows = torch.tensor([query_start_loc[i] for i in decodes], device=query.device)
     q = query[rows].unsqueeze(2)  # [B, H, 1, D]
     mask = (torch.arange(max_len, device=query.device)[None, :] < lens[:, None])[:, None, None, :]

@@ -49,6 +49,22 @@ def test_decode_matches_reference(dtype, heads, kv_heads, head_dim, block_size):
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 80), (4, 1, 128)])
+def test_decode_float32_query_over_a_narrow_pool(pool_dtype, heads, kv_heads, head_dim):
+    """kv_cache_dtype: rows are widened exactly, so an fp32 query over a bf16/fp16 pool
+    equals fp32 attention over the widened pool (the AVX-512 kernel and the generic one)."""
+    lens = [1, 17, 100, 333]
+    k, v = make_pool(200, 16, kv_heads, head_dim, pool_dtype)
+    tables = random_tables(lens, 16, 200)
+    q = torch.randn(len(lens), heads, head_dim)
+    out = cpu_attention.paged_decode(q, k, v, tables, torch.tensor(lens), head_dim ** -0.5)
+    ref = reference.paged_attention(q, k.float(), v.float(), list(range(len(lens) + 1)), lens,
+                                    tables, head_dim ** -0.5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window", [1, 7, 16, 40])
 def test_decode_sliding_window(window):
     lens = [1, 10, 33, 90]
@@ -82,10 +98,13 @@ def test_zero_length_sequence_gives_zeros_and_nan_pool_is_not_read():
     assert torch.isfinite(out).all() and (out[1] == 0).all()
 
 
-def test_cpu_backend_mixed_step_matches_torch_backend():
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backend_mixed_step_matches_torch_backend(pool_dtype):
+    """A bf16 pool under fp32 activations (kv_cache_dtype) too: both backends round the new
+    rows once when storing and attend over the widened pool."""
     lens_q = [1, 5, 1, 37, 1]  # decodes and prefill chunks with cached context
     seq_lens = [50, 18, 7, 60, 129]
-    k_pool, v_pool = make_pool(128, 16, 3, 64, torch.float32)
+    k_pool, v_pool = make_pool(128, 16, 3, 64, pool_dtype)
     tables = random_tables(seq_lens, 16, 128)
     qsl = [0]
     for n in lens_q:
@@ -116,9 +135,12 @@ def test_launcher_checks():
                                    torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1]), 1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kv_matches_reference_and_skips_padding(dtype):
-    k_pool, v_pool = make_pool(6, 16, 3, 32, dtype)
+@pytest.mark.parametrize("dtype, pool_dtype", [(torch.float32, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
+def test_store_kv_matches_reference_and_skips_padding(dtype, pool_dtype):
+    """fp32 rows into a bf16 pool are rounded to it (kv_cache_dtype)."""
+    k_pool, v_pool = make_pool(6, 16, 3, 32, pool_dtype)
     k, v = torch.randn(5, 3, 32).to(dtype), torch.randn(5, 3, 32).to(dtype)
     slots = torch.tensor([17, -1, 0, 95, -1])
     ours = (k_pool.clone(), v_pool.clone())
@@ -126,7 +148,7 @@ def test_store_kv_matches_reference_and_skips_padding(dtype):
     cpu_attention.store_kv(k, v, *ours, slots)
     reference.store_kv(k, v, *ref, slots)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
-    assert torch.equal(ours[0].view(-1, 3, 32)[95], k[3])
+    assert torch.equal(ours[0].view(-1, 3, 32)[95], k[3].to(pool_dtype))
     untouched = torch.ones(96, dtype=torch.bool)
     untouched[[17, 0, 95]] = False
     assert torch.equal(ours[0].view(-1, 3, 32)[untouched], k_pool.view(-1, 3, 32)[untouched])

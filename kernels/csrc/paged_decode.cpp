@@ -7,6 +7,8 @@
 //   key/value    [num_blocks, block_size, num_kv_heads, head_dim]
 //   block_tables [num_seqs, max_blocks] int32,  seq_lens [num_seqs] int32
 //   out          [num_seqs, num_heads, head_dim]
+// The query (and out) may be float32 over a bfloat16/float16 pool (kv_cache_dtype): rows are
+// widened to fp32 as they are loaded, so the pool's narrower rows halve the bytes streamed.
 //   window       sliding window (0 = none): keys with q_pos - k_pos < window
 #include <torch/all.h>
 #include <torch/library.h>
@@ -23,8 +25,8 @@
 
 namespace {
 
-template <typename T>
-void decode_kernel(const T* q, int64_t q_row, const T* kc, const T* vc, const int32_t* tables,
+template <typename T, typename C>
+void decode_kernel(const T* q, int64_t q_row, const C* kc, const C* vc, const int32_t* tables,
                    const int32_t* lens, T* out, int64_t num_seqs, int64_t H, int64_t KVH, int64_t D,
                    int64_t BS, int64_t max_blocks, int64_t s_block, int64_t s_tok, float scale,
                    int64_t window) {
@@ -52,14 +54,14 @@ void decode_kernel(const T* q, int64_t q_row, const T* kc, const T* vc, const in
         const float* kb;
         const float* vb;
         int64_t row;
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (std::is_same_v<C, float>) {
           kb = kc + base;
           vb = vc + base;
           row = s_tok;
         } else {
           for (int64_t t = t0; t < n; ++t) {
-            const T* kp = kc + base + t * s_tok;
-            const T* vp = vc + base + t * s_tok;
+            const C* kp = kc + base + t * s_tok;
+            const C* vp = vc + base + t * s_tok;
             for (int64_t d = 0; d < D; ++d) {
               kf[t * D + d] = static_cast<float>(kp[d]);
               vf[t * D + d] = static_cast<float>(vp[d]);
@@ -169,17 +171,17 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 // Rows come from scattered blocks, which the hardware prefetcher cannot guess: ask for the
 // row kAhead tokens ahead while this one is computed.
-constexpr int64_t kAhead = 8;
+constexpr int64_t kAhead = 16;
 
-template <typename T, int NV>
+template <typename T, int NV, int Hint = _MM_HINT_T0>
 inline void prefetch_row(const T* p) {
   constexpr int64_t bytes = 16 * NV * static_cast<int64_t>(sizeof(T));
   for (int64_t off = 0; off < bytes; off += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p) + off, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(p) + off, static_cast<_mm_hint>(Hint));
 }
 
-template <typename T, int NV>
-void decode_kernel_avx512(const T* q, int64_t q_row, const T* kc, const T* vc,
+template <typename T, typename C, int NV>
+void decode_kernel_avx512(const T* q, int64_t q_row, const C* kc, const C* vc,
                           const int32_t* tables, const int32_t* lens, T* out, int64_t num_seqs,
                           int64_t H, int64_t KVH, int64_t BS, int64_t max_blocks, int64_t s_block,
                           int64_t s_tok, float scale, int64_t window) {
@@ -209,7 +211,7 @@ void decode_kernel_avx512(const T* q, int64_t q_row, const T* kc, const T* vc,
       int64_t t = 0;
       for (; t + 4 <= n; t += 4) {
         if (t + kAhead + 4 <= n)
-          for (int j = 0; j < 4; ++j) prefetch_row<T, NV>(kc + rows[t + kAhead + j]);
+          for (int j = 0; j < 4; ++j) prefetch_row<C, NV>(kc + rows[t + kAhead + j]);
         __m512 k[4][NV];
         for (int j = 0; j < 4; ++j)
           for (int i = 0; i < NV; ++i) k[j][i] = load16(kc + rows[t + j] + 16 * i);
@@ -225,7 +227,7 @@ void decode_kernel_avx512(const T* q, int64_t q_row, const T* kc, const T* vc,
         }
       }
       for (; t < n; ++t) {
-        const T* kt = kc + rows[t];
+        const C* kt = kc + rows[t];
         __m512 k[NV];
         for (int i = 0; i < NV; ++i) k[i] = load16(kt + 16 * i);
         for (int64_t g = 0; g < G; ++g) {
@@ -255,22 +257,34 @@ void decode_kernel_avx512(const T* q, int64_t q_row, const T* kc, const T* vc,
         const float sum = _mm512_reduce_add_ps(vsum);
         inv[g] = sum > 0.f ? 1.f / sum : 0.f;
       }
-      // Pass 2: out_g = sum_t p_gt v_t / sum_g, accumulators in registers per head.
-      for (int64_t g = 0; g < G; ++g) {
-        const float* pg = scores.data() + g * n;
-        __m512 acc[NV];
-        for (int i = 0; i < NV; ++i) acc[i] = _mm512_setzero_ps();
+      // Pass 2: out_g = sum_t p_gt v_t / sum_g. Heads go GB at a time with all their
+      // accumulators in registers, so each V row is loaded (and widened) once per group.
+      constexpr int GB = 16 / NV < 4 ? 16 / NV : 4;
+      for (int64_t g0 = 0; g0 < G; g0 += GB) {
+        const int64_t gn = std::min<int64_t>(GB, G - g0);
+        __m512 acc[GB][NV];
+        for (int j = 0; j < GB; ++j)
+          for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_setzero_ps();
+        const float* p0 = scores.data() + g0 * n;
         for (int64_t t = 0; t < n; ++t) {
-          const T* vt = vc + rows[t];
-          if (g == 0 && t + kAhead < n) prefetch_row<T, NV>(vc + rows[t + kAhead]);
-          const __m512 pt = _mm512_set1_ps(pg[t]);
-          for (int i = 0; i < NV; ++i) acc[i] = _mm512_fmadd_ps(pt, load16(vt + 16 * i), acc[i]);
+          const C* vt = vc + rows[t];
+          if (t + kAhead < n) prefetch_row<C, NV>(vc + rows[t + kAhead]);
+          __m512 v[NV];
+          for (int i = 0; i < NV; ++i) v[i] = load16(vt + 16 * i);
+          for (int j = 0; j < GB; ++j) {
+            if (j >= gn) break;
+            const __m512 pt = _mm512_set1_ps(p0[j * n + t]);
+            for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_fmadd_ps(pt, v[i], acc[j][i]);
+          }
         }
-        const __m512 sc = _mm512_set1_ps(inv[g]);
-        float* ag = accv.data() + g * D;
-        for (int i = 0; i < NV; ++i) _mm512_storeu_ps(ag + 16 * i, _mm512_mul_ps(acc[i], sc));
-        T* op = out + (b * H + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) op[d] = static_cast<T>(ag[d]);
+        for (int64_t j = 0; j < gn; ++j) {
+          const int64_t g = g0 + j;
+          const __m512 sc = _mm512_set1_ps(inv[g]);
+          float* ag = accv.data() + g * D;
+          for (int i = 0; i < NV; ++i) _mm512_storeu_ps(ag + 16 * i, _mm512_mul_ps(acc[j][i], sc));
+          T* op = out + (b * H + h * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) op[d] = static_cast<T>(ag[d]);
+        }
       }
     }
   });
@@ -279,14 +293,50 @@ void decode_kernel_avx512(const T* q, int64_t q_row, const T* kc, const T* vc,
 
 }  // namespace
 
+namespace {
+
+// Query/out of type T over a pool of type C: the AVX-512 kernel for head sizes 16..128,
+// the generic one otherwise.
+template <typename T, typename C>
+void run_decode(const torch::Tensor& query, const torch::Tensor& key_cache,
+                const torch::Tensor& value_cache, const torch::Tensor& tables,
+                const torch::Tensor& lens, torch::Tensor& out, float sc, int64_t window) {
+  const int64_t num_seqs = query.size(0), H = query.size(1), D = query.size(2);
+  const int64_t BS = key_cache.size(1), KVH = key_cache.size(2);
+  const T* qp = query.data_ptr<T>();
+  const C* kp = key_cache.data_ptr<C>();
+  const C* vp = value_cache.data_ptr<C>();
+  T* op = out.data_ptr<T>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  const int64_t qs = query.stride(0), mb = tables.size(1);
+  const int64_t sb = key_cache.stride(0), st = key_cache.stride(1);
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>) {
+    switch (D) {
+      case 16: return decode_kernel_avx512<T, C, 1>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
+      case 32: return decode_kernel_avx512<T, C, 2>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
+      case 64: return decode_kernel_avx512<T, C, 4>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
+      case 128: return decode_kernel_avx512<T, C, 8>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
+      default: break;  // other head sizes: the generic kernel below
+    }
+  }
+#endif
+  decode_kernel<T, C>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, D, BS, mb, sb, st, sc, window);
+}
+
+}  // namespace
+
 torch::Tensor paged_decode(const torch::Tensor& query, const torch::Tensor& key_cache,
                            const torch::Tensor& value_cache, const torch::Tensor& block_tables,
                            const torch::Tensor& seq_lens, double scale, int64_t window) {
   TORCH_CHECK_VALUE(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
                     "query must be [num_seqs, num_heads, head_dim] with contiguous heads");
-  TORCH_CHECK_VALUE(query.scalar_type() == key_cache.scalar_type() &&
-                    key_cache.scalar_type() == value_cache.scalar_type(),
-                    "query, key_cache and value_cache must share a dtype");
+  TORCH_CHECK_VALUE(key_cache.scalar_type() == value_cache.scalar_type(),
+                    "key_cache and value_cache must share a dtype");
+  TORCH_CHECK_VALUE(query.scalar_type() == key_cache.scalar_type() ||
+                    query.scalar_type() == torch::kFloat,
+                    "query must have the caches' dtype, or be float32 over a bf16/fp16 pool");
   TORCH_CHECK_VALUE(block_tables.size(0) == query.size(0) && seq_lens.size(0) == query.size(0),
                     "block_tables and seq_lens need one row per query");
   TORCH_CHECK_VALUE(key_cache.is_contiguous() || (key_cache.stride(3) == 1 &&
@@ -295,37 +345,17 @@ torch::Tensor paged_decode(const torch::Tensor& query, const torch::Tensor& key_
                     "key/value caches differ in layout");
   auto tables = block_tables.to(torch::kInt32).contiguous();
   auto lens = seq_lens.to(torch::kInt32).contiguous();
-  const int64_t num_seqs = query.size(0), H = query.size(1), D = query.size(2);
-  const int64_t BS = key_cache.size(1), KVH = key_cache.size(2);
-  TORCH_CHECK_VALUE(H % KVH == 0, "num_heads must be a multiple of num_kv_heads");
-  auto out = torch::empty({num_seqs, H, D}, query.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode", [&] {
-#if defined(__AVX512F__)
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      const scalar_t* qp = query.data_ptr<scalar_t>();
-      const scalar_t* kp = key_cache.data_ptr<scalar_t>();
-      const scalar_t* vp = value_cache.data_ptr<scalar_t>();
-      scalar_t* op = out.data_ptr<scalar_t>();
-      const int32_t* tp = tables.data_ptr<int32_t>();
-      const int32_t* lp = lens.data_ptr<int32_t>();
-      const int64_t qs = query.stride(0), mb = tables.size(1);
-      const int64_t sb = key_cache.stride(0), st = key_cache.stride(1);
-      const float sc = static_cast<float>(scale);
-      switch (D) {
-        case 16: return decode_kernel_avx512<scalar_t, 1>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
-        case 32: return decode_kernel_avx512<scalar_t, 2>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
-        case 64: return decode_kernel_avx512<scalar_t, 4>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
-        case 128: return decode_kernel_avx512<scalar_t, 8>(qp, qs, kp, vp, tp, lp, op, num_seqs, H, KVH, BS, mb, sb, st, sc, window);
-        default: break;  // other head sizes: the generic kernel below
-      }
-    }
-#endif
-    decode_kernel<scalar_t>(query.data_ptr<scalar_t>(), query.stride(0),
-                            key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>(),
-                            tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(),
-                            out.data_ptr<scalar_t>(), num_seqs, H, KVH, D, BS, tables.size(1),
-                            key_cache.stride(0), key_cache.stride(1), static_cast<float>(scale),
-                            window);
+  TORCH_CHECK_VALUE(query.size(1) % key_cache.size(2) == 0,
+                    "num_heads must be a multiple of num_kv_heads");
+  auto out = torch::empty({query.size(0), query.size(1), query.size(2)}, query.options());
+  const float sc = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, key_cache.scalar_type(), "paged_decode", [&] {
+    if (query.scalar_type() == key_cache.scalar_type())
+      run_decode<scalar_t, scalar_t>(query, key_cache, value_cache, tables, lens, out, sc, window);
+    else if constexpr (!std::is_same_v<scalar_t, double>)
+      run_decode<float, scalar_t>(query, key_cache, value_cache, tables, lens, out, sc, window);
+    else
+      TORCH_CHECK_VALUE(false, "a float64 pool needs a float64 query");
   });
   return out;
 }
@@ -336,19 +366,20 @@ void store_kv(const torch::Tensor& key, const torch::Tensor& value, torch::Tenso
               torch::Tensor& value_cache, const torch::Tensor& slot_mapping) {
   TORCH_CHECK_VALUE(key_cache.is_contiguous() && value_cache.is_contiguous(),
                     "key/value caches must be contiguous");
-  TORCH_CHECK_VALUE(key.scalar_type() == key_cache.scalar_type() &&
-                    value.scalar_type() == value_cache.scalar_type(),
-                    "key/value and their caches must share a dtype");
+  TORCH_CHECK_VALUE(key_cache.scalar_type() == value_cache.scalar_type(),
+                    "key_cache and value_cache must share a dtype");
   const int64_t T = key.size(0);
   TORCH_CHECK_VALUE(slot_mapping.size(0) == T, "slot_mapping needs one slot per token");
   const int64_t row = key_cache.size(2) * key_cache.size(3);
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   TORCH_CHECK_VALUE(key.numel() == T * row && value.numel() == T * row,
                     "key/value rows do not match the cache's kv_heads x head_dim");
-  auto k = key.contiguous(), v = value.contiguous();
+  // Rows are rounded to the pool's dtype here (kv_cache_dtype narrower than the model's).
+  auto k = key.to(key_cache.scalar_type()).contiguous();
+  auto v = value.to(value_cache.scalar_type()).contiguous();
   auto slots = slot_mapping.to(torch::kInt64).contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
-  const size_t bytes = row * key.element_size();
+  const size_t bytes = row * key_cache.element_size();
   auto* kd = static_cast<char*>(key_cache.data_ptr());
   auto* vd = static_cast<char*>(value_cache.data_ptr());
   const auto* ks = static_cast<const char*>(k.data_ptr());
