@@ -137,7 +137,7 @@ def w8a8_linear_torch(x, w_q, w_scale, outliers, w_outliers, bias, w_t=None, dyn
     extra = 0
     if dynamic:
         idx = rest.abs().topk(dynamic, dim=1).indices
-        extra = torch.einsum("mk,mkn->mn", rest.gather(1, idx), w_t[idx])
+        extra = torch.einsum("mk,mkn->mn", rest.gather(1, idx), w_t[idx].float())
         rest.scatter_(1, idx, 0.0)
     sx = (rest.abs().amax(dim=1, keepdim=True) / 127)
     sx = torch.where(sx > 0, sx, torch.ones_like(sx))
@@ -160,7 +160,8 @@ class W8A8Linear(nn.Module):
             weight, input_absmax, 0 if dynamic else None)
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.dynamic = dynamic
-        self.w_t = weight.detach().float().t().contiguous() if dynamic else None
+        # bf16 W^T rows for the dynamic outliers (see kernels/csrc/int8_linear.cpp)
+        self.w_t = weight.detach().t().to(torch.bfloat16).contiguous() if dynamic else None
         self.native = native  # the C++ op was built (kernels/cpu_ops.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

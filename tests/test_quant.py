@@ -84,7 +84,7 @@ def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dy
     if dynamic:
         x[torch.arange(rows), torch.randint(0, k, (rows,))] *= 100
         args = quantize_w8a8(w, torch.rand(k), 0)
-        extra = (w.t().contiguous(), max(num_outliers, 1))
+        extra = (w.t().to(torch.bfloat16).contiguous(), max(num_outliers, 1))
     else:
         hot = torch.randperm(k)[:num_outliers]
         x[:, hot] *= 100

@@ -6,10 +6,12 @@
 //   w_q        [N, K] int8, zero in the outlier columns; w_scale [N] fp32
 //   outliers   [n] int64 input channels computed in fp32; w_outliers [n, N] fp32 (W^T rows)
 //   bias       [N] fp32 or none
-//   w_t        [K, N] fp32 (W^T) when dynamic > 0: each row's `dynamic` largest |x| entries
+//   w_t        [K, N] bf16 (W^T) when dynamic > 0: each row's `dynamic` largest |x| entries
 //              are taken out of the int8 product and added in fp32 from these rows. For
 //              inputs whose spikes move from token to token (down_proj's SiLU(gate) * up),
-//              where a fixed channel set misses them.
+//              where a fixed channel set misses them. bf16 (rounding 2^-9, below the int8
+//              weights' own error) keeps it half the size: each row reads `dynamic` rows of
+//              it, which should come from L2, not L3.
 //
 // Outlier channels are excluded from the row's scale: a post-norm activation carries a few
 // channels tens of times larger than the rest, and letting them set the scale would leave
@@ -94,9 +96,16 @@ void quantize_row(const float* x, int64_t K, const int64_t* outl, int64_t n_outl
   *scale = s;
 }
 
+#if defined(__AVX512F__)
+inline __m512 load_bf16x16(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+#endif
+
 // One output row: y = acc * sx * w_scale (+ bias) (+ the row's dynamic outliers).
 void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* bias, int64_t N,
-                    const float* w_t, int64_t dyn, const int64_t* dyn_idx, const float* dyn_val,
+                    const at::BFloat16* w_t, int64_t dyn, const int64_t* dyn_idx, const float* dyn_val,
                     float* y) {
   int64_t n = 0;
 #if defined(__AVX512F__)
@@ -106,14 +115,14 @@ void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* 
                              _mm512_loadu_ps(sw + n));
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
     for (int64_t j = 0; j < dyn; ++j)
-      v = _mm512_fmadd_ps(_mm512_set1_ps(dyn_val[j]), _mm512_loadu_ps(w_t + dyn_idx[j] * N + n), v);
+      v = _mm512_fmadd_ps(_mm512_set1_ps(dyn_val[j]), load_bf16x16(w_t + dyn_idx[j] * N + n), v);
     _mm512_storeu_ps(y + n, v);
   }
 #endif
   for (; n < N; ++n) {
     float v = static_cast<float>(acc[n]) * sx * sw[n];
     if (bias) v += bias[n];
-    for (int64_t j = 0; j < dyn; ++j) v += dyn_val[j] * w_t[dyn_idx[j] * N + n];
+    for (int64_t j = 0; j < dyn; ++j) v += dyn_val[j] * static_cast<float>(w_t[dyn_idx[j] * N + n]);
     y[n] = v;
   }
 }
@@ -138,9 +147,9 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
                         "w8a8_linear: bias must be [N] float32");
   TORCH_CHECK(dynamic >= 0 && dynamic <= K, "w8a8_linear: dynamic must be in [0, K]");
   if (dynamic > 0)
-    TORCH_CHECK(w_t && w_t->scalar_type() == at::kFloat && w_t->is_contiguous() &&
+    TORCH_CHECK(w_t && w_t->scalar_type() == at::kBFloat16 && w_t->is_contiguous() &&
                     w_t->size(0) == K && w_t->size(1) == N,
-                "w8a8_linear: dynamic outliers need w_t, a contiguous [K, N] float32 tensor");
+                "w8a8_linear: dynamic outliers need w_t, a contiguous [K, N] bfloat16 tensor");
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   const auto x2 = x.reshape({-1, K}).contiguous();
@@ -171,7 +180,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   const int32_t* a = acc.data_ptr<int32_t>();
   const float* sw = w_scale.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const float* wt = dyn > 0 ? w_t->data_ptr<float>() : nullptr;
+  const at::BFloat16* wt = dyn > 0 ? w_t->data_ptr<at::BFloat16>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
