@@ -91,9 +91,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
                 q[rows], key_cache, value_cache, meta.block_tables[idx], meta.seq_lens[idx],
                 self.scale, self.window)
         for i in prefills:
-            out[qsl[i]:qsl[i + 1]] = reference.attend_sequence(
-                q[qsl[i]:qsl[i + 1]], key_cache, value_cache, meta.block_tables[i], lens[i],
-                self.scale, self.sliding_window)
+            start, end = qsl[i], qsl[i + 1]
+            if lens[i] == end - start and self.sliding_window is None:
+                # No cached context: attend over this step's own rows (a full-precision
+                # copy even when the pool is narrower), ~2x cheaper than gather + mask.
+                out[start:end] = reference.attend_fresh_sequence(
+                    q[start:end], k[start:end], v[start:end], self.scale)
+            else:
+                out[start:end] = reference.attend_sequence(
+                    q[start:end], key_cache, value_cache, meta.block_tables[i], lens[i],
+                    self.scale, self.sliding_window)
         return out
 
 

@@ -92,6 +92,16 @@ def attend_sequence(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     return o[0].transpose(0, 1)
 
 
+def attend_fresh_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """A sequence with no cached context (its whole prompt in this step, no sliding window):
+    causal SDPA on the step's own K/V rows, [len, heads, dim] each. No gather from the pool
+    and no mask tensor."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
 def _decode_batch(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
                   scale, decodes, out) -> None:
     """All single-token queries in one padded SDPA call (keys past seq_len masked out)."""
