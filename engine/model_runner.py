@@ -23,6 +23,7 @@ from .quant import (INT8_DYNAMIC_OUTLIERS, LM_HEAD_INT8_MAX_ROWS, Int4Linear, In
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
 from .model_config import ModelConfig
+from .models.llama import use_fused_cpu_ops
 from .request import Request
 from .sampler import Sampler, SamplerOutput
 from .scheduler import SchedulerOutput
@@ -43,6 +44,11 @@ class ModelRunner:
         self.model = load_model(model_dir, model_config, self.dtype, self.device)
         if self.device.type == "cpu":
             self._pack_cpu_weights()
+            if config.quantization and self.dtype == torch.float32:
+                from kernels import cpu_ops
+
+                if cpu_ops.available():  # not fp32-exact: only where outputs are not anyway
+                    use_fused_cpu_ops(self.model)
         self.backend = get_backend(config.backend_name, model_config.head_dim,
                                    model_config.sliding_window)
         self.sampler = Sampler(model_config.vocab_size)

@@ -3,7 +3,8 @@
 
 - ``paged_decode``, ``store_kv``: paged attention over the block pool (kernels/cpu_attention.py);
 - ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/quant.py);
-- ``argmax_rows``: greedy sampling's per-row argmax (engine/sampler.py).
+- ``argmax_rows``: greedy sampling's per-row argmax (engine/sampler.py);
+- ``silu_mul``, ``add_rms_norm``, ``rotary_``: fused elementwise steps of quantized models (engine/models/llama.py).
 
 Real torch ops rather than pybind functions so torch.compile'd decode steps call them
 without leaving the compiled graph. If the build fails (no compiler), ``available()`` is
@@ -20,7 +21,7 @@ import torch
 logger = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "int8_linear.cpp",
-                                                       "argmax.cpp")]
+                                                       "argmax.cpp", "fused_elementwise.cpp")]
 _lock = threading.Lock()
 _loaded = False
 _failed = False
@@ -58,6 +59,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kvserve::argmax_rows")
     def _(x):
         return x.new_empty(x.shape[0], dtype=torch.long)
+
+    @torch.library.register_fake("kvserve::silu_mul")
+    def _(gate_up):
+        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+    @torch.library.register_fake("kvserve::add_rms_norm")
+    def _(x, residual, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("kvserve::rotary_")
+    def _(q, k, cos, sin):
+        return None
 
     @torch.library.register_fake("kvserve::w8a8_linear")
     def _(x, w_q, w_scale, outliers, w_outliers, bias, w_t, dynamic):

@@ -144,7 +144,10 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
         monkeypatch.setattr(engine.quant, "INT8_OUTLIERS", outliers)
         monkeypatch.setattr(engine.model_runner, "INT8_DYNAMIC_OUTLIERS", dynamic)
         llm = tiny_llm(tiny_models, arch, quantization="int8", enable_prefix_caching=False)
-        assert any(type(m).__name__ == "W8A8Linear" for m in llm.engine.runner.model.modules())
+        modules = list(llm.engine.runner.model.modules())
+        assert any(type(m).__name__ == "W8A8Linear" for m in modules)
+        # the fused C++ norm / rotary / SiLU*up ops are on, so these logits check them too
+        assert all(m.fused for m in modules if hasattr(m, "fused")) == cpu_ops.available()
         ours = teacher_forced_logits(llm, ids)
         agree[outliers] = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
         if outliers == 10 ** 6:

@@ -14,13 +14,31 @@ from ..attention import AttentionBackend, AttentionMetadata
 from ..model_config import ModelConfig
 
 
+def _use_fused(module: nn.Module) -> bool:
+    """The C++ fused elementwise ops (kernels/csrc/fused_elementwise.cpp) in eager steps of
+    models that asked for them (use_fused_cpu_ops); compiled steps fuse the aten forms."""
+    return module.fused and not torch.compiler.is_compiling()
+
+
+def use_fused_cpu_ops(model: nn.Module) -> None:
+    """Residual add + RMSNorm, rotary and SiLU * up as one C++ pass each (float32 CPU). Not
+    bitwise equal to aten, so only for models that are not fp32-exact anyway (quantized)."""
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, Attention, MLP)):
+            m.fused = True
+
+
 class RMSNorm(nn.Module):
+    fused = False
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None and _use_fused(self):  # residual += x in place
+            return torch.ops.kvserve.add_rms_norm(x, residual, self.weight, self.eps), residual
         if residual is not None:
             x = residual + x
             residual = x
@@ -84,6 +102,8 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    fused = False
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -110,12 +130,17 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
+        if _use_fused(self):
+            torch.ops.kvserve.rotary_(q, k, *cos_sin)
+        else:
+            q, k = apply_rotary(q, k, cos_sin)
         out = backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
 class MLP(nn.Module):
+    fused = False
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
@@ -125,6 +150,8 @@ class MLP(nn.Module):
                                    bias=cfg.mlp_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_fused(self):
+            return self.down_proj(torch.ops.kvserve.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

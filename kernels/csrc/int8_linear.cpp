@@ -27,6 +27,8 @@
 #endif
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 // The `dyn` entries of row[0..K) largest in magnitude: indices into idx, values into val,
@@ -96,13 +98,6 @@ void quantize_row(const float* x, int64_t K, const int64_t* outl, int64_t n_outl
   *scale = s;
 }
 
-#if defined(__AVX512F__)
-inline __m512 load_bf16x16(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-}
-#endif
-
 // One output row: y = acc * sx * w_scale (+ bias) (+ the row's dynamic outliers).
 void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* bias, int64_t N,
                     const at::BFloat16* w_t, int64_t dyn, const int64_t* dyn_idx, const float* dyn_val,
@@ -115,7 +110,7 @@ void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* 
                              _mm512_loadu_ps(sw + n));
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
     for (int64_t j = 0; j < dyn; ++j)
-      v = _mm512_fmadd_ps(_mm512_set1_ps(dyn_val[j]), load_bf16x16(w_t + dyn_idx[j] * N + n), v);
+      v = _mm512_fmadd_ps(_mm512_set1_ps(dyn_val[j]), kvserve_vec::load16(w_t + dyn_idx[j] * N + n), v);
     _mm512_storeu_ps(y + n, v);
   }
 #endif

@@ -23,6 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 template <typename T, typename C>
@@ -115,47 +117,14 @@ void decode_kernel(const T* q, int64_t q_row, const C* kc, const C* vc, const in
 
 
 #if defined(__AVX512F__)
+using namespace kvserve_vec;
+
 // AVX-512 path for head_dim = 16 * NV: two passes over the sequence instead of a per-block
 // online softmax. Pass 1 computes every score (each K row loaded once for all G query
 // heads of its kv head, q held in registers), then one long vectorized max / exp / sum;
 // pass 2 accumulates p * V with the accumulators in registers. The per-block rescaling
 // and the short, runtime-length inner loops of the generic kernel made it compute-bound at
 // ~13 GB/s of K/V; this one streams K/V at several times that.
-template <typename T>
-inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(p);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
-
-inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF)
-                         : static_cast<__mmask16>((1u << remaining) - 1);
-}
-
-// expf for 16 lanes: 2^k * e^r with r in [-ln2/2, ln2/2] (Cephes' polynomial, ~1 ulp);
-// _mm512_scalef_ps applies 2^k and flushes very negative inputs to 0 cleanly.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is below the smallest denormal
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, k);
-}
-
 // The four horizontal sums of a, b, c, d as one [sum a, sum b, sum c, sum d].
 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d
