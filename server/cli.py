@@ -32,6 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "matmuls for every step; int4+int8 = int4 small, int8 large steps "
                         "(none is fp32-exact)")
     p.add_argument("--int4-max-rows", type=int, help="largest step that takes the int4 path")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="KV pool dtype (auto = the model's); CPU: bfloat16 under float32 "
+                        "halves decode attention's memory traffic")
     p.add_argument("--cpu-compile", action="store_true", default=None,
                    help="torch.compile decode steps on CPU (slow first start, then cached)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
