@@ -82,9 +82,14 @@ def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dy
     torch.manual_seed(rows + k)
     w, x = torch.randn(n, k) * 0.1, torch.randn(rows, k)
     if dynamic:
-        x[torch.arange(rows), torch.randint(0, k, (rows,))] *= 100
+        # `dyn` spikes of different sizes per row, anywhere (the first 16 entries included):
+        # one the op failed to take out would set the row's scale and coarsen the rest.
+        dyn = max(num_outliers, 1)
+        for r in range(rows):
+            spots = torch.randperm(k)[:dyn]
+            x[r, spots] = torch.sign(x[r, spots]) * (20 + 10 * torch.arange(dyn).float())
         args = quantize_w8a8(w, torch.rand(k), 0)
-        extra = (w.t().to(torch.bfloat16).contiguous(), max(num_outliers, 1))
+        extra = (w.t().to(torch.bfloat16).contiguous(), dyn)
     else:
         hot = torch.randperm(k)[:num_outliers]
         x[:, hot] *= 100

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -55,11 +56,23 @@ void take_largest(float* row, int64_t K, int64_t dyn, int64_t* idx, float* val) 
   };
   int64_t k = 0;
 #if defined(__AVX512F__)
+  // A lower bound for the dyn-th largest |x| before the scan: the dyn-th largest of the 16
+  // lanes' maxima (each a distinct entry). Without it the first entries fill the top set
+  // with small values and many more pass the filter early in the row.
+  float seed = 0.f;
+  if (K >= 16 && dyn <= 16) {
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t j = 0; j + 16 <= K; j += 16)
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + j)));
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, vmax);
+    std::nth_element(lanes, lanes + dyn - 1, lanes + 16, std::greater<float>());
+    seed = lanes[dyn - 1];
+  }
   for (; k + 16 <= K; k += 16) {
-    __mmask16 m = 0xFFFF;
-    if (filled == dyn)
-      m = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(row + k)), _mm512_set1_ps(low_abs),
-                             _CMP_GT_OQ);
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(row + k));
+    __mmask16 m = filled == dyn ? _mm512_cmp_ps_mask(a, _mm512_set1_ps(low_abs), _CMP_GT_OQ)
+                                : _mm512_cmp_ps_mask(a, _mm512_set1_ps(seed), _CMP_GE_OQ);
     for (; m; m &= m - 1) consider(k + __builtin_ctz(m));
   }
 #endif
