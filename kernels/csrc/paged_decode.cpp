@@ -7,9 +7,9 @@
 //   key/value    [num_blocks, block_size, num_kv_heads, head_dim]
 //   block_tables [num_seqs, max_blocks] int32,  seq_lens [num_seqs] int32
 //   out          [num_seqs, num_heads, head_dim]
+//   window       sliding window (0 = none): keys with q_pos - k_pos < window
 // The query (and out) may be float32 over a bfloat16/float16 pool (kv_cache_dtype): rows are
 // widened to fp32 as they are loaded, so the pool's narrower rows halve the bytes streamed.
-//   window       sliding window (0 = none): keys with q_pos - k_pos < window
 #include <torch/all.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -142,11 +142,11 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // row kAhead tokens ahead while this one is computed.
 constexpr int64_t kAhead = 16;
 
-template <typename T, int NV, int Hint = _MM_HINT_T0>
+template <typename T, int NV>
 inline void prefetch_row(const T* p) {
   constexpr int64_t bytes = 16 * NV * static_cast<int64_t>(sizeof(T));
   for (int64_t off = 0; off < bytes; off += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p) + off, static_cast<_mm_hint>(Hint));
+    _mm_prefetch(reinterpret_cast<const char*>(p) + off, _MM_HINT_T0);
 }
 
 template <typename T, typename C, int NV>
@@ -259,10 +259,6 @@ void decode_kernel_avx512(const T* q, int64_t q_row, const C* kc, const C* vc,
   });
 }
 #endif
-
-}  // namespace
-
-namespace {
 
 // Query/out of type T over a pool of type C: the AVX-512 kernel for head sizes 16..128,
 // the generic one otherwise.
