@@ -22,6 +22,7 @@ from .quant import (INT8_DYNAMIC_OUTLIERS, LM_HEAD_INT8_MAX_ROWS, Int4Linear, In
                     W8A8Linear, supports_int4)
 from .kv_cache_manager import KVCacheManager
 from .loader import load_model
+from .malloc_tuning import keep_freed_memory
 from .model_config import ModelConfig
 from .models.llama import use_fused_cpu_ops
 from .request import Request
@@ -43,6 +44,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = load_model(model_dir, model_config, self.dtype, self.device)
         if self.device.type == "cpu":
+            keep_freed_memory()
             self._pack_cpu_weights()
             if config.quantization and self.dtype == torch.float32:
                 from kernels import cpu_ops
