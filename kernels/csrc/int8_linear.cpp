@@ -195,7 +195,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
       dequantize_row(a + m * N, sx[m], sw, b, N, wt, dyn, dyn_idx.data() + m * dyn,
                      dyn_val.data() + m * dyn, yp + m * N);
   });
-  if (n_outl > 0) {  // MKL's GEMM beats a fused FMA loop here (K = 16)
+  if (n_outl > 0) {  // MKL's GEMM beats a fused FMA loop here (K = 32)
     auto xo_t = at::from_blob(xo.data(), {M, n_outl}, x.options());
     y.addmm_(xo_t, wo_t);
   }
