@@ -100,7 +100,7 @@ class ModelRunner:
                    if isinstance(child, nn.Linear)]
         absmax = input_absmax(self.model, [child for _, _, child in targets],
                               self.model_config.vocab_size)
-        native = cpu_ops.available()
+        native = cpu_ops.has_w8a8()
         return {(parent, name): W8A8Linear(child.weight, child.bias, absmax[child], native,
                                            INT8_DYNAMIC_OUTLIERS.get(name, 0))
                 for parent, name, child in targets}

@@ -128,6 +128,24 @@ def quantize_w8a8(weight: torch.Tensor, input_absmax: torch.Tensor, num_outliers
     return w_q, scale, outliers.to(torch.long).contiguous(), w_outliers
 
 
+PANEL = 48  # output columns per panel of kernels/csrc/int8_gemm.h
+
+
+def pack_w8a8(w_q: torch.Tensor, w_outliers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ op's layouts (kernels/csrc/int8_gemm.h), in panels of 48 output columns:
+    w_q [N, K] int8 -> [N/48, K/4, 48, 4] uint8 (w + 128), w_outliers [n, N] fp32 ->
+    [N/48, n, 48]. Zero weights pad N and K."""
+    n, k = w_q.shape
+    n_pad, k_pad = -(-n // PANEL) * PANEL, -(-k // 4) * 4
+    w = torch.zeros(n_pad, k_pad, dtype=torch.int16)
+    w[:n, :k] = w_q
+    w = (w + 128).to(torch.uint8).view(n_pad // PANEL, PANEL, k_pad // 4, 4)
+    wo = torch.zeros(len(w_outliers), n_pad)
+    wo[:, :n] = w_outliers
+    wo = wo.view(len(w_outliers), n_pad // PANEL, PANEL)
+    return w.permute(0, 2, 1, 3).contiguous(), wo.permute(1, 0, 2).contiguous()
+
+
 def w8a8_linear_torch(x, w_q, w_scale, outliers, w_outliers, bias, w_t=None, dynamic=0):
     """The reference of torch.ops.kvserve.w8a8_linear in torch ops (also its fallback when
     the C++ ops cannot be built)."""
@@ -162,7 +180,9 @@ class W8A8Linear(nn.Module):
         self.dynamic = dynamic
         # bf16 W^T rows for the dynamic outliers (see kernels/csrc/int8_linear.cpp)
         self.w_t = weight.detach().t().to(torch.bfloat16).contiguous() if dynamic else None
-        self.native = native  # the C++ op was built (kernels/cpu_ops.py)
+        self.native = native  # the C++ op was built (kernels/cpu_ops.py has_w8a8)
+        if native:  # the op reads only the packed forms
+            self.w_q, self.w_outliers = pack_w8a8(self.w_q, self.w_outliers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = torch.ops.kvserve.w8a8_linear if self.native else w8a8_linear_torch

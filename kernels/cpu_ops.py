@@ -47,6 +47,12 @@ def available() -> bool:
     return _loaded
 
 
+def has_w8a8() -> bool:
+    """The int8 x int8 linear has a CPU kernel: it is built only for AVX-512 VNNI."""
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "kvserve::w8a8_linear", "CPU")
+
+
 def _register_fakes() -> None:
     """Shape functions, so torch.compile can trace through the ops."""
     @torch.library.register_fake("kvserve::paged_decode")
@@ -74,5 +80,5 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("kvserve::w8a8_linear")
-    def _(x, w_q, w_scale, outliers, w_outliers, bias, w_t, dynamic):
-        return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+    def _(x, w_packed, w_scale, outliers, w_outliers, bias, w_t, dynamic):
+        return x.new_empty((*x.shape[:-1], w_scale.shape[0]))

@@ -7,7 +7,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.loader import load_model
-from engine.quant import Int4Linear, Int8Linear, quantize_int4, quantize_w8a8, w8a8_linear_torch
+from engine.quant import (Int4Linear, Int8Linear, pack_w8a8, quantize_int4, quantize_w8a8,
+                          w8a8_linear_torch)
 from kernels import cpu_ops
 from test_bf16 import TEXT, teacher_forced_logits
 
@@ -69,13 +70,15 @@ VARIED = ("Paris is the capital and most populous city of France. It is located 
           "high mountains because the air pressure is lower. ")
 
 
-@pytest.mark.skipif(not cpu_ops.available(), reason="no C++ toolchain")
+@pytest.mark.skipif(not cpu_ops.has_w8a8(), reason="no C++ toolchain or no AVX-512 VNNI")
 @pytest.mark.parametrize("rows,k,n,num_outliers,with_bias",
                          [(0, 64, 96, 4, False), (1, 64, 96, 0, True), (5, 70, 33, 4, True),
-                          (33, 576, 160, 16, False)])
+                          (9, 100, 50, 2, False), (33, 576, 160, 16, False),
+                          (130, 68, 96, 4, True)])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dynamic):
-    """K and N off the 16-lane width exercise the scalar tails; outlier channels 100x larger
+    """K and N off the 16-lane width exercise the scalar tails, and N off the GEMM's 48-column
+    panels, rows off its 8-row tiles and across its 128-row chunks the partial tiles; outlier channels 100x larger
     than the rest must not coarsen the others (the scale excludes them). Fixed outliers come
     from calibration; dynamic ones are each row's largest entries, here spikes in a different
     channel per row, which no fixed set could catch."""
@@ -100,7 +103,9 @@ def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dy
         extra = (None, 0)
     bias = torch.randn(n) if with_bias else None
     args = (*args, bias, *extra)
-    ours = torch.ops.kvserve.w8a8_linear(x, *args)
+    w_packed, wo_packed = pack_w8a8(args[0], args[3])
+    packed = (x, w_packed, *args[1:3], wo_packed, *args[4:])
+    ours = torch.ops.kvserve.w8a8_linear(*packed)
     ref = w8a8_linear_torch(x, *args)
     exact = x @ w.t() + (0 if bias is None else bias)
     assert ours.shape == (rows, n)
@@ -109,7 +114,7 @@ def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dy
         scale = exact.abs().max()
         assert (ours - ref).abs().max() <= 2e-3 * scale
         assert (ours - exact).abs().max() <= 1e-2 * scale
-    assert torch.ops.kvserve.w8a8_linear(x.view(rows, 1, k), *args).shape == (rows, 1, n)
+    assert torch.ops.kvserve.w8a8_linear(x.view(rows, 1, k), *packed[1:]).shape == (rows, 1, n)
 
 
 def test_int8_accuracy_against_fp32(smol_llm):

@@ -1,10 +1,12 @@
 // W8A8 linear for CPU: y = x W^T with x quantized per row to int8 on the fly, W per output
-// channel, the product on the int8 GEMM (VNNI: ~5x the fp32 rate on the 2-core dev VM), and
-// a few outlier input channels kept in fp32.
+// channel, the product on AVX-512 VNNI (int8_gemm.h: ~5x the fp32 rate on the 2-core dev
+// VM), and a few outlier input channels kept in fp32.
 //
 //   x          [..., K] fp32
-//   w_q        [N, K] int8, zero in the outlier columns; w_scale [N] fp32
-//   outliers   [n] int64 input channels computed in fp32; w_outliers [n, N] fp32 (W^T rows)
+//   w_packed   the int8 weight [N, K], zero in the outlier columns, packed by
+//              engine/quant.py pack_w8a8 (layout in int8_gemm.h); w_scale [N] fp32
+//   outliers   [n] int64 input channels computed in fp32; w_outliers: their fp32 W^T rows
+//              [n, N], packed in 48-column panels like w_packed
 //   bias       [N] fp32 or none
 //   w_t        [K, N] bf16 (W^T) when dynamic > 0: each row's `dynamic` largest |x| entries
 //              are taken out of the int8 product and added in fp32 from these rows. For
@@ -16,6 +18,9 @@
 // Outlier channels are excluded from the row's scale: a post-norm activation carries a few
 // channels tens of times larger than the rest, and letting them set the scale would leave
 // the others a handful of int8 levels. Their int8 codes saturate harmlessly (zero weights).
+//
+// Built only where the compiler targets AVX-512 VNNI; elsewhere the op has no CPU kernel and
+// engine/quant.py keeps its torch form (kernels/cpu_ops.py has_w8a8).
 #include <torch/all.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -28,6 +33,8 @@
 #endif
 #include <vector>
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "int8_gemm.h"
 #include "vec_math.h"
 
 namespace {
@@ -80,77 +87,62 @@ void take_largest(float* row, int64_t K, int64_t dyn, int64_t* idx, float* val) 
   for (int64_t j = 0; j < filled; ++j) row[idx[j]] = 0.f;
 }
 
-// One row: the scale over the non-outlier channels, then codes = round(x / scale).
+// One row: the scale over the non-outlier channels, then codes = round(x / scale), and
+// comp = 128 * sum(codes) (int8_gemm.h stores the weights + 128).
 void quantize_row(const float* x, int64_t K, const int64_t* outl, int64_t n_outl, int64_t dyn,
-                  float* row, int8_t* q, float* scale, int64_t* dyn_idx, float* dyn_val) {
+                  float* row, int8_t* q, float* scale, int32_t* comp, int64_t* dyn_idx,
+                  float* dyn_val) {
   std::copy(x, x + K, row);
   for (int64_t i = 0; i < n_outl; ++i) row[outl[i]] = 0.f;
   if (dyn > 0) take_largest(row, K, dyn, dyn_idx, dyn_val);
   int64_t k = 0;
   float amax = 0.f;
-#if defined(__AVX512F__)
   __m512 vmax = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
   amax = _mm512_reduce_max_ps(vmax);
-#endif
   for (int64_t j = k; j < K; ++j) amax = std::max(amax, std::fabs(row[j]));
   const float s = amax > 0.f ? amax / 127.f : 1.f;
   const float inv = 1.f / s;
-  k = 0;
-#if defined(__AVX512F__)
   // cvtps_epi32 rounds half to even (the default MXCSR mode), like torch.round; the
   // saturating pack cannot overflow since |x * inv| <= 127 up to rounding.
   const __m512 vinv = _mm512_set1_ps(inv);
-  for (; k + 16 <= K; k += 16) {
+  __m512i vsum = _mm512_setzero_si512();
+  for (k = 0; k + 16 <= K; k += 16) {
     const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + k), vinv));
+    vsum = _mm512_add_epi32(vsum, c);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(c));
   }
-#endif
-  for (int64_t j = k; j < K; ++j)
+  int32_t sum = _mm512_reduce_add_epi32(vsum);
+  for (int64_t j = k; j < K; ++j) {
     q[j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[j] * inv))));
+    sum += q[j];
+  }
   *scale = s;
+  *comp = 128 * sum;
 }
 
-// One output row: y = acc * sx * w_scale (+ bias) (+ the row's dynamic outliers).
-void dequantize_row(const int32_t* acc, float sx, const float* sw, const float* bias, int64_t N,
-                    const at::BFloat16* w_t, int64_t dyn, const int64_t* dyn_idx, const float* dyn_val,
-                    float* y) {
-  int64_t n = 0;
-#if defined(__AVX512F__)
-  const __m512 vs = _mm512_set1_ps(sx);
-  for (; n + 16 <= N; n += 16) {
-    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + n)), vs),
-                             _mm512_loadu_ps(sw + n));
-    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
-    for (int64_t j = 0; j < dyn; ++j)
-      v = _mm512_fmadd_ps(_mm512_set1_ps(dyn_val[j]), kvserve_vec::load16(w_t + dyn_idx[j] * N + n), v);
-    _mm512_storeu_ps(y + n, v);
-  }
-#endif
-  for (; n < N; ++n) {
-    float v = static_cast<float>(acc[n]) * sx * sw[n];
-    if (bias) v += bias[n];
-    for (int64_t j = 0; j < dyn; ++j) v += dyn_val[j] * static_cast<float>(w_t[dyn_idx[j] * N + n]);
-    y[n] = v;
-  }
-}
-
-at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
                        const at::Tensor& outliers, const at::Tensor& w_outliers,
                        const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& w_t, int64_t dynamic) {
+  using kvserve_gemm::kPanel;
   TORCH_CHECK(x.scalar_type() == at::kFloat, "w8a8_linear: x must be float32");
-  TORCH_CHECK(w_q.scalar_type() == at::kChar && w_q.dim() == 2 && w_q.is_contiguous(),
-              "w8a8_linear: w_q must be a contiguous [N, K] int8 tensor");
-  const int64_t N = w_q.size(0), K = w_q.size(1);
-  TORCH_CHECK(x.size(-1) == K, "w8a8_linear: x has ", x.size(-1), " features, weight ", K);
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == N && w_scale.is_contiguous(),
+  TORCH_CHECK(w_packed.scalar_type() == at::kByte && w_packed.dim() == 4 &&
+                  w_packed.size(2) == kPanel && w_packed.size(3) == 4 && w_packed.is_contiguous(),
+              "w8a8_linear: w_packed must be a contiguous [N/48, K/4, 48, 4] uint8 tensor "
+              "(engine/quant.py pack_w8a8)");
+  const int64_t N = w_scale.numel(), K = x.size(-1), K4 = w_packed.size(1);
+  TORCH_CHECK(w_packed.size(0) == (N + kPanel - 1) / kPanel && K4 == (K + 3) / 4,
+              "w8a8_linear: w_packed holds a [", w_packed.size(0) * kPanel, ", ", K4 * 4,
+              "] weight, x has ", K, " features and w_scale ", N, " outputs");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(),
               "w8a8_linear: w_scale must be [N] float32");
   TORCH_CHECK(outliers.scalar_type() == at::kLong && outliers.dim() == 1,
               "w8a8_linear: outliers must be a 1-d int64 tensor");
   const int64_t n_outl = outliers.numel();
-  TORCH_CHECK(w_outliers.dim() == 2 && w_outliers.size(0) == n_outl && w_outliers.size(1) == N,
-              "w8a8_linear: w_outliers must be [num_outliers, N]");
+  TORCH_CHECK(w_outliers.dim() == 3 && w_outliers.size(0) == w_packed.size(0) &&
+                  w_outliers.size(1) == n_outl && w_outliers.size(2) == kPanel,
+              "w8a8_linear: w_outliers must be [N/48, num_outliers, 48] (engine/quant.py pack_w8a8)");
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
                         "w8a8_linear: bias must be [N] float32");
   TORCH_CHECK(dynamic >= 0 && dynamic <= K, "w8a8_linear: dynamic must be in [0, K]");
@@ -165,50 +157,56 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y.view(out_shape);
 
-  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  std::vector<float> sx(M), xo(M * std::max<int64_t>(n_outl, 1));
+  const int64_t ldx = K4 * 4;  // zero-padded to whole groups of 4
+  std::vector<int8_t> xq(M * ldx, 0);
+  std::vector<float> sx(M), xo(M * n_outl);
+  std::vector<int32_t> comp(M);
   const int64_t dyn = dynamic;
   std::vector<int64_t> dyn_idx(M * dyn);
   std::vector<float> dyn_val(M * dyn);
   const auto outl_t = outliers.contiguous();
-  const auto wo_t = w_outliers.to(at::kFloat).contiguous();
+  const auto wo_t = w_outliers.to(at::kFloat).contiguous();  // no copy when packed
   const int64_t* outl = outl_t.data_ptr<int64_t>();
   const float* xp = x2.data_ptr<float>();
-  int8_t* xqp = xq.data_ptr<int8_t>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(xp + m * K, K, outl, n_outl, dyn, row.data(), xqp + m * K, &sx[m],
-                   dyn_idx.data() + m * dyn, dyn_val.data() + m * dyn);
+      quantize_row(xp + m * K, K, outl, n_outl, dyn, row.data(), xq.data() + m * ldx, &sx[m],
+                   &comp[m], dyn_idx.data() + m * dyn, dyn_val.data() + m * dyn);
       for (int64_t j = 0; j < n_outl; ++j) xo[m * n_outl + j] = xp[m * K + outl[j]];
     }
   });
-  const auto acc = at::_int_mm(xq, w_q.t());  // [M, N] int32, exact
 
-  const int32_t* a = acc.data_ptr<int32_t>();
+  const kvserve_gemm::Outliers o{xo.data(), wo_t.data_ptr<float>(), n_outl,
+                                 dyn > 0 ? w_t->data_ptr<at::BFloat16>() : nullptr,
+                                 dyn_idx.data(), dyn_val.data(), dyn};
+  // Work items are (panel, chunk of rows), panel-major, so a thread's consecutive items reuse
+  // a panel from L1/L2; chunks keep a large prefill divisible between the threads.
+  const int64_t P = w_packed.size(0), chunk = 128, chunks = (M + chunk - 1) / chunk;
+  const uint8_t* wp = w_packed.data_ptr<uint8_t>();
   const float* sw = w_scale.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const at::BFloat16* wt = dyn > 0 ? w_t->data_ptr<at::BFloat16>() : nullptr;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)
-      dequantize_row(a + m * N, sx[m], sw, b, N, wt, dyn, dyn_idx.data() + m * dyn,
-                     dyn_val.data() + m * dyn, yp + m * N);
+  at::parallel_for(0, P * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = i / chunks, m0 = (i % chunks) * chunk;
+      kvserve_gemm::gemm_block(xq.data(), ldx, wp, K4, comp.data(), sx.data(), sw, b, o, m0,
+                               std::min(M, m0 + chunk), p, N, yp);
+    }
   });
-  if (n_outl > 0) {  // MKL's GEMM beats a fused FMA loop here (K = 32)
-    auto xo_t = at::from_blob(xo.data(), {M, n_outl}, x.options());
-    y.addmm_(xo_t, wo_t);
-  }
   return y.view(out_shape);
 }
 
 }  // namespace
+#endif
 
 TORCH_LIBRARY_FRAGMENT(kvserve, m) {
-  m.def("w8a8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor outliers, Tensor w_outliers, "
+  m.def("w8a8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor outliers, Tensor w_outliers, "
         "Tensor? bias, Tensor? w_t, int dynamic) -> Tensor");
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 TORCH_LIBRARY_IMPL(kvserve, CPU, m) {
   m.impl("w8a8_linear", &w8a8_linear);
 }
+#endif
