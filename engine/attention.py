@@ -62,18 +62,22 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """CPU default: K/V stored and decode rows attended by the C++ ops (torch.ops.kvserve.*,
-    reading K/V in place from the pool), prefill chunks through per-sequence SDPA. A pure
-    decode step is two op calls per layer with no host sync, so torch.compile can trace it.
-    Falls back to the torch backend's ops when the C++ ops cannot be built."""
+    """CPU default: K/V stored, decode rows and prefill chunks attended by the C++ ops
+    (torch.ops.kvserve.*, reading K/V in place from the pool; paged_prefill needs AVX-512 and
+    fp32 activations, else prefill chunks go through per-sequence SDPA). A pure decode step
+    is two op calls per layer with no host sync, so torch.compile can trace it. Falls back to
+    the torch backend's ops when the C++ ops cannot be built."""
     name = "cpu"
 
     def __init__(self, head_dim: int, sliding_window: int | None = None) -> None:
         super().__init__(head_dim, sliding_window)
         from kernels import cpu_attention
 
+        from kernels import cpu_ops
+
         self.native = cpu_attention.available()
         self.window = sliding_window or 0
+        self.prefill_native = cpu_ops.has_op("paged_prefill")
 
     def forward(self, q, k, v, kv_cache, meta):
         if not self.native:
@@ -90,6 +94,13 @@ class CpuAttentionBackend(TorchAttentionBackend):
             out[rows] = torch.ops.kvserve.paged_decode(
                 q[rows], key_cache, value_cache, meta.block_tables[idx], meta.seq_lens[idx],
                 self.scale, self.window)
+        if prefills and self.prefill_native and q.dtype == torch.float32 and \
+                q.shape[-1] in (16, 32, 64, 128, 256):
+            # All multi-token sequences in one call, K/V read from the pool.
+            torch.ops.kvserve.paged_prefill(q, key_cache, value_cache, meta.block_tables,
+                                            meta.seq_lens, meta.query_start_loc, self.scale,
+                                            self.window, out)
+            return out
         for i in prefills:
             start, end = qsl[i], qsl[i + 1]
             if lens[i] == end - start and self.sliding_window is None:

@@ -1,7 +1,8 @@
 """The C++ CPU ops (kernels/csrc/*.cpp), built once with torch's cpp_extension (cached under
 ~/.cache/torch_extensions) and registered as real torch ops, ``torch.ops.kvserve.*``:
 
-- ``paged_decode``, ``store_kv``: paged attention over the block pool (kernels/cpu_attention.py);
+- ``paged_decode``, ``paged_prefill``, ``store_kv``: paged attention over the block pool
+  (kernels/cpu_attention.py);
 - ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/quant.py);
 - ``argmax_rows``: greedy sampling's per-row argmax (engine/sampler.py);
 - ``silu_mul``, ``add_rms_norm``, ``rotary_``: fused elementwise steps of quantized models
@@ -21,7 +22,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "int8_linear.cpp",
+_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp",
+                                                       "int8_linear.cpp",
                                                        "argmax.cpp", "fused_elementwise.cpp")]
 _lock = threading.Lock()
 _loaded = False
@@ -47,10 +49,14 @@ def available() -> bool:
     return _loaded
 
 
+def has_op(name: str) -> bool:
+    """torch.ops.kvserve.<name> has a CPU kernel: some are built only where the compiler
+    targets AVX-512 (paged_prefill) or AVX-512 VNNI (w8a8_linear)."""
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvserve::{name}", "CPU")
+
+
 def has_w8a8() -> bool:
-    """The int8 x int8 linear has a CPU kernel: it is built only for AVX-512 VNNI."""
-    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "kvserve::w8a8_linear", "CPU")
+    return has_op("w8a8_linear")
 
 
 def _register_fakes() -> None:
@@ -58,6 +64,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kvserve::paged_decode")
     def _(query, key_cache, value_cache, block_tables, seq_lens, scale, window):
         return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("kvserve::paged_prefill")
+    def _(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, window,
+          out):
+        return None
 
     @torch.library.register_fake("kvserve::store_kv")
     def _(key, value, key_cache, value_cache, slot_mapping):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.attention import AttentionMetadata, CpuAttentionBackend, TorchAttentionBackend
-from kernels import cpu_attention, reference
+from kernels import cpu_attention, cpu_ops, reference
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ toolchain")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -100,9 +100,9 @@ def test_zero_length_sequence_gives_zeros_and_nan_pool_is_not_read():
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 def test_cpu_backend_mixed_step_matches_torch_backend(pool_dtype):
-    """Decodes, prefill chunks over cached context, and whole prompts (no context: the
-    cpu backend attends over the step's own rows, not the pool). A bf16 pool under fp32
-    activations (kv_cache_dtype) too, where those whole prompts see unrounded K/V."""
+    """Decodes, prefill chunks over cached context, and whole prompts, in one step (the cpu
+    backend's paged_decode + paged_prefill against per-sequence SDPA over gathered K/V). A
+    bf16 pool under fp32 activations (kv_cache_dtype) too."""
     lens_q = [1, 5, 1, 37, 1, 20, 1]
     seq_lens = [50, 18, 7, 60, 129, 20, 1]
     k_pool, v_pool = make_pool(128, 16, 3, 64, pool_dtype)
@@ -125,6 +125,35 @@ def test_cpu_backend_mixed_step_matches_torch_backend(pool_dtype):
         outs.append(backend.forward(q, k, v, cache, meta))
     tol = TOL[pool_dtype]
     torch.testing.assert_close(outs[0], outs[1], atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not cpu_ops.has_op("paged_prefill"), reason="needs AVX-512")
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (9, 3, 64), (4, 1, 128),
+                                                       (6, 2, 32)])
+@pytest.mark.parametrize("window", [0, 5, 70])
+def test_paged_prefill_matches_reference(pool_dtype, heads, kv_heads, head_dim, window):
+    """Whole prompts and chunks after cached context, lengths across the kernel's 16-key
+    blocks and 64-key passes and its 16-row work items, a sliding window shorter than a
+    chunk; decode rows in the same step are left untouched."""
+    lens_q = [2, 1, 63, 17, 130, 1, 65]
+    seq_lens = [2, 40, 63, 81, 130, 5, 200]
+    block = 16
+    k_pool, v_pool = make_pool(64, block, kv_heads, head_dim, pool_dtype)
+    tables = random_tables(seq_lens, block, 64)
+    qsl = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), heads, head_dim)
+    out = torch.full_like(q, 7.0)
+    torch.ops.kvserve.paged_prefill(q, k_pool, v_pool, tables, torch.tensor(seq_lens, dtype=torch.int32),
+                                    qsl, head_dim ** -0.5, window, out)
+    for i, (n, L) in enumerate(zip(lens_q, seq_lens)):
+        rows = out[qsl[i]:qsl[i + 1]]
+        if n == 1:
+            assert (rows == 7.0).all()
+            continue
+        ref = reference.attend_sequence(q[qsl[i]:qsl[i + 1]], k_pool, v_pool, tables[i], L,
+                                        head_dim ** -0.5, window or None)
+        torch.testing.assert_close(rows, ref, atol=2e-5, rtol=2e-5)
 
 
 def test_launcher_checks():
