@@ -44,6 +44,10 @@ class EngineConfig:
     # CPU: torch.compile the decode-only steps (engine/cpu_compile.py). Graphs compile at
     # start-up: ~30-40 s each on 2 cores the first time, a few seconds once cached on disk.
     cpu_compile: bool = False
+    # With cpu_compile: decode steps of more sequences than this run eagerly (None = none
+    # do). Steps of int8 layers gain nothing from compiling: they are already a few C++ ops
+    # per layer, and their compiled graphs ran slower than eager at batch 8 (16-19 vs 13 ms).
+    cpu_compile_max_batch: int | None = None
     # The KV pool's element type: "auto" = the activation dtype. "bfloat16" (or "float16")
     # under float32 activations halves the bytes that decode attention streams, its main
     # cost at large batches on CPU, and doubles the tokens a byte budget holds; K/V are
@@ -82,6 +86,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} differs from the model "
                              f"dtype ({self.torch_dtype}); a separate KV dtype is implemented "
                              f"for CPU only (the Triton kernels read the activation dtype).")
+        if self.cpu_compile_max_batch is not None and self.cpu_compile_max_batch < 1:
+            raise ValueError("cpu_compile_max_batch must be >= 1 (or None for every batch size).")
         if self.cpu_compile and self.torch_device.type != "cpu":
             raise ValueError("cpu_compile applies to CPU only; on CUDA decode steps run as "
                              "CUDA graphs (unless enforce_eager).")

@@ -132,9 +132,9 @@ class ModelRunner:
                            "running eagerly.")
             return
         # One graph per batch-size range the model branches on (see engine/cpu_compile.py).
-        sizes = {1, min(2, self.config.max_num_seqs)}
-        if ("int4" in (self.config.quantization or "")
-                and self.config.int4_max_rows < self.config.max_num_seqs):
+        largest = min(self.config.max_num_seqs, self.config.cpu_compile_max_batch or 1 << 30)
+        sizes = {1, min(2, largest)}
+        if "int4" in (self.config.quantization or "") and self.config.int4_max_rows < largest:
             sizes.add(max(2, self.config.int4_max_rows + 1))
         self._compiled = CompiledDecode(self.model, self.backend, self.kv_caches,
                                         self._max_positions(), self.block_size, sorted(sizes))
@@ -302,7 +302,8 @@ class ModelRunner:
         hidden = None
         if self._graphs and meta.max_query_len == 1:
             hidden = self._replay_decode_graph(input_ids, positions, meta)
-        elif self._compiled is not None and meta.max_query_len == 1:
+        elif (self._compiled is not None and meta.max_query_len == 1
+              and len(input_ids) <= (self.config.cpu_compile_max_batch or len(input_ids))):
             hidden = self._compiled(input_ids, positions, meta)
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)

@@ -37,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "halves decode attention's memory traffic")
     p.add_argument("--cpu-compile", action="store_true", default=None,
                    help="torch.compile decode steps on CPU (slow first start, then cached)")
+    p.add_argument("--cpu-compile-max-batch", type=int,
+                   help="with --cpu-compile: decode steps of more sequences run eagerly")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
 

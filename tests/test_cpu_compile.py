@@ -91,6 +91,31 @@ def test_compiled_int8_matches_eager(tiny_models):
     assert {1, 2, 4} <= set(sizes)
 
 
+def test_cpu_compile_max_batch_runs_larger_steps_eagerly(tiny_models):
+    """int4 for single-sequence steps, compiled; every larger decode step eager (int8), with
+    the same tokens as an all-eager engine, and only the batch-1 graph compiled."""
+    prompts = make_prompts([3, 40, 9, 64], seed=15)
+    arrivals = {1: 2, 2: 4, 3: 4}
+    outs = {}
+    for compiled in (False, True):
+        llm = tiny_llm(tiny_models, "llama", quantization="int4+int8", int4_max_rows=1,
+                       cpu_compile=compiled, cpu_compile_max_batch=1)
+        sizes = count_compiled_steps(llm) if compiled else None
+        if compiled:
+            assert llm.engine.runner._compiled.batch_sizes == [1]
+        outs[compiled] = run_with_arrivals(llm, prompts, arrivals)
+        assert_no_leak(llm.engine)
+    assert outs[True] == outs[False]
+    assert sizes and set(sizes) == {1}
+
+
+def test_cpu_compile_max_batch_is_validated():
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="cpu_compile_max_batch must be >= 1"):
+        EngineConfig(cpu_compile=True, cpu_compile_max_batch=0)
+
+
 def test_compiled_decode_under_preemption(tiny_models):
     """A pool too small for the batch: requests are preempted and recomputed, and the
     compiled steps see batch sizes go down and up again."""
