@@ -82,11 +82,11 @@ class ModelRunner:
                         large = int8.pop((parent, name), None)
                         setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint,
                                                          dense=large))
-            # Weight-only int8 lm_head for a few rows: at 1 row it beats the W8A8 one
-            # (the int8 GEMM is slow at M=1, N=49152), which takes over above.
-            self.model.lm_head = Int8Linear(self.model.lm_head.weight,
-                                            min(rows, LM_HEAD_INT8_MAX_ROWS), hint,
-                                            dense=int8.pop((self.model, "lm_head"), None))
+            # int8 lm_head (see engine/quant.py): the W8A8 one if there is one (~2x faster
+            # than weight-only int8 at every row count), else weight-only int8 for a few rows.
+            if (self.model, "lm_head") not in int8:
+                self.model.lm_head = Int8Linear(self.model.lm_head.weight,
+                                                min(rows, LM_HEAD_INT8_MAX_ROWS), hint)
         for (parent, name), layer in int8.items():
             setattr(parent, name, layer)
         pack_linears(self.model, batch_hint=hint)
