@@ -73,11 +73,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         super().__init__(head_dim, sliding_window)
         from kernels import cpu_attention
 
-        from kernels import cpu_ops
-
         self.native = cpu_attention.available()
         self.window = sliding_window or 0
-        self.prefill_native = cpu_ops.has_op("paged_prefill")
+        self.prefill_native = cpu_attention.has_paged_prefill(head_dim)
 
     def forward(self, q, k, v, kv_cache, meta):
         if not self.native:
@@ -94,8 +92,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             out[rows] = torch.ops.kvserve.paged_decode(
                 q[rows], key_cache, value_cache, meta.block_tables[idx], meta.seq_lens[idx],
                 self.scale, self.window)
-        if prefills and self.prefill_native and q.dtype == torch.float32 and \
-                q.shape[-1] in (16, 32, 64, 128, 256):
+        if prefills and self.prefill_native and q.dtype == torch.float32:
             # All multi-token sequences in one call, K/V read from the pool.
             torch.ops.kvserve.paged_prefill(q, key_cache, value_cache, meta.block_tables,
                                             meta.seq_lens, meta.query_start_loc, self.scale,

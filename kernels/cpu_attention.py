@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_ops import available
+from .cpu_ops import available, has_op
 
-__all__ = ["available", "paged_decode", "store_kv"]
+__all__ = ["available", "has_paged_prefill", "paged_decode", "store_kv"]
+
+PREFILL_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_prefill.cpp's dispatch_dim
+
+
+def has_paged_prefill(head_dim: int) -> bool:
+    """paged_prefill was built (it needs AVX-512) and takes this head size (fp32 queries)."""
+    return head_dim in PREFILL_HEAD_DIMS and has_op("paged_prefill")
 
 
 def paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

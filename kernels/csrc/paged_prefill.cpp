@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -144,7 +145,7 @@ void prefill_kernel(const float* q, int64_t q_row, const C* kc, const C* vc, con
   const int64_t S = static_cast<int64_t>(seqs.size());
   auto lp_of = [](int64_t len) { return (len + 63) / 64 * 64; };
 
-  // K^T and V of every (sequence, kv head) in fp32; columns past len are zero.
+  // K^T and V of every (sequence, kv head) in fp32; K^T's columns past len are zero.
   at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const Seq& s = seqs[idx / KVH];
@@ -260,14 +261,16 @@ void paged_prefill(const at::Tensor& query, const at::Tensor& key_cache, const a
     ws_size += KVH * 2 * D * ((len + 63) / 64 * 64);
   }
   if (seqs.empty()) return;
-  std::vector<float> ws(ws_size);
+  // Every element that is read is written first (K^T padding included; V rows past len are
+  // never read), so no zero-fill.
+  std::unique_ptr<float[]> ws(new float[ws_size]);
   const float* qp = query.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t s_block = key_cache.stride(0), s_tok = key_cache.stride(1);
 #define KVSERVE_POOL(C)                                                                         \
   dispatch_dim<C>(D, qp, query.stride(0), key_cache.data_ptr<C>(), value_cache.data_ptr<C>(),   \
                   bt.data_ptr<int32_t>(), max_blocks, seqs, H, KVH, BS, s_block, s_tok,          \
-                  static_cast<float>(scale), window, ws.data(), op, out.stride(0))
+                  static_cast<float>(scale), window, ws.get(), op, out.stride(0))
   switch (key_cache.scalar_type()) {
     case at::kFloat: KVSERVE_POOL(float); break;
     case at::kBFloat16: KVSERVE_POOL(at::BFloat16); break;
