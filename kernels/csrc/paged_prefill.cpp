@@ -39,47 +39,57 @@ namespace {
 
 constexpr int64_t kRowBlock = 16;  // query rows per work item
 
+// scores[i][j .. j + 16 NB) = q_i . K^T[:, j ..] for NQ queries: each K^T load feeds NQ FMAs,
+// and NQ x NB independent accumulators hide the FMA latency.
+template <int NDV, int NQ, int NB>
+inline void qk_pass(const float* const* q, const float* kt, int64_t lp, int64_t j, float* scores) {
+  __m512 a[NQ][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) a[i][b] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < 16 * NDV; ++d) {
+    __m512 k[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) k[b] = _mm512_loadu_ps(kt + d * lp + j + 16 * b);
+#pragma GCC unroll 4
+    for (int i = 0; i < NQ; ++i) {
+      const __m512 qd = _mm512_set1_ps(q[i][d]);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) a[i][b] = _mm512_fmadd_ps(qd, k[b], a[i][b]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(scores + i * lp + j + 16 * b, a[i][b]);
+}
+
 // NQ queries (pre-scaled, D = 16 * NDV) of one (sequence, kv head), query i against keys
 // [first[i], last[i]]: out[i] = softmax(q_i K^T) V. Taken together so that each K^T and V
-// load feeds NQ FMAs, and NQ x 4 independent accumulators hide the FMA latency (one query
-// alone was latency-bound). scores: NQ rows of `lp` floats of scratch.
+// load feeds NQ FMAs (one query alone was latency-bound). scores: NQ rows of `lp` floats of
+// scratch.
 template <int NDV, int NQ>
 void attend_rows(const float* const* q, const int64_t* first, const int64_t* last,
                  const float* kt, int64_t lp, const float* v, float* scores, float* const* out) {
   constexpr int64_t D = 16 * NDV;
   int64_t lo = first[0], hi = last[0];
   for (int i = 1; i < NQ; ++i) lo = std::min(lo, first[i]), hi = std::max(hi, last[i]);
-  // 64-key passes: K^T is zero-padded to a multiple of 64 columns, and the lanes outside a
-  // query's range are dropped by the softmax below.
-  const int64_t j_begin = lo / 64 * 64, j_end = hi + 1;
-  for (int64_t j = j_begin; j < j_end; j += 64) {
-    __m512 a[NQ][4];
-#pragma GCC unroll 4
-    for (int i = 0; i < NQ; ++i)
-#pragma GCC unroll 4
-      for (int b = 0; b < 4; ++b) a[i][b] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; ++d) {
-      const float* row = kt + d * lp + j;
-      const __m512 k0 = _mm512_loadu_ps(row), k1 = _mm512_loadu_ps(row + 16),
-                   k2 = _mm512_loadu_ps(row + 32), k3 = _mm512_loadu_ps(row + 48);
-#pragma GCC unroll 4
-      for (int i = 0; i < NQ; ++i) {
-        const __m512 qd = _mm512_set1_ps(q[i][d]);
-        a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
-        a[i][2] = _mm512_fmadd_ps(qd, k2, a[i][2]);
-        a[i][3] = _mm512_fmadd_ps(qd, k3, a[i][3]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < NQ; ++i)
-#pragma GCC unroll 4
-      for (int b = 0; b < 4; ++b) _mm512_storeu_ps(scores + i * lp + j + 16 * b, a[i][b]);
+  // Scores over whole 16-key blocks, 64 keys per pass, then the last 1-3 blocks: K^T is
+  // zero-padded past len, and the lanes outside a query's range are dropped by the softmax.
+  const int64_t j_begin = lo / 16 * 16, j_end = hi + 1;
+  int64_t j = j_begin;
+  for (; j + 48 < j_end; j += 64) qk_pass<NDV, NQ, 4>(q, kt, lp, j, scores);
+  switch ((j_end - j + 15) / 16) {
+    case 3: qk_pass<NDV, NQ, 3>(q, kt, lp, j, scores); break;
+    case 2: qk_pass<NDV, NQ, 2>(q, kt, lp, j, scores); break;
+    case 1: qk_pass<NDV, NQ, 1>(q, kt, lp, j, scores); break;
+    default: break;
   }
 
   // Each query's softmax over its own range; lanes outside it become 0, so the P V loop
   // below can run over the union of the ranges.
-  const int64_t p_begin = lo / 16 * 16;
+  const int64_t p_begin = j_begin;
   float inv[NQ];
   for (int i = 0; i < NQ; ++i) {
     float* s = scores + i * lp;
