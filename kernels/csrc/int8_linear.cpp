@@ -28,9 +28,6 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <vector>
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -62,7 +59,6 @@ void take_largest(float* row, int64_t K, int64_t dyn, int64_t* idx, float* val) 
     }
   };
   int64_t k = 0;
-#if defined(__AVX512F__)
   // A lower bound for the dyn-th largest |x| before the scan: the dyn-th largest of the 16
   // lanes' maxima (each a distinct entry). Without it the first entries fill the top set
   // with small values and many more pass the filter early in the row.
@@ -82,7 +78,6 @@ void take_largest(float* row, int64_t K, int64_t dyn, int64_t* idx, float* val) 
                                 : _mm512_cmp_ps_mask(a, _mm512_set1_ps(seed), _CMP_GE_OQ);
     for (; m; m &= m - 1) consider(k + __builtin_ctz(m));
   }
-#endif
   for (; k < K; ++k) consider(k);
   for (int64_t j = 0; j < filled; ++j) row[idx[j]] = 0.f;
 }
