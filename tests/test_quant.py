@@ -77,9 +77,10 @@ VARIED = ("Paris is the capital and most populous city of France. It is located 
                           (130, 68, 96, 4, True)])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dynamic):
-    """K and N off the 16-lane width exercise the scalar tails, and N off the GEMM's 48-column
-    panels, rows off its 8-row tiles and across its 128-row chunks the partial tiles; outlier channels 100x larger
-    than the rest must not coarsen the others (the scale excludes them). Fixed outliers come
+    """K and N off the 16-lane width exercise the scalar tails; N off the GEMM's 48-column
+    panels, rows off its 8-row tiles and across its 128-row chunks, the partial tiles. Outlier
+    channels 100x larger than the rest must not coarsen the others (the scale excludes them).
+    Fixed outliers come
     from calibration; dynamic ones are each row's largest entries, here spikes in a different
     channel per row, which no fixed set could catch."""
     torch.manual_seed(rows + k)
