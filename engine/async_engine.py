@@ -33,12 +33,16 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later."""
 
 
+class RequestFailedError(RuntimeError):
+    """The request failed inside an engine step (finish_reason "error"); others went on."""
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
                  executor: ThreadPoolExecutor | None = None) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._inbox_lock = threading.Lock()
         self._adds: list[tuple[str, dict, SamplingParams, float | None]] = []
         self._aborts: list[str] = []
@@ -46,6 +50,7 @@ class AsyncLLMEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.dead_error: BaseException | None = None
+        self.on_dead: list = []  # callbacks (the error), run on the event loop when it dies
         self.stats = engine.get_stats()  # refreshed by the worker after every step
 
     @classmethod
@@ -80,14 +85,30 @@ class AsyncLLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.stats["num_waiting"] + len(self._adds)
+        """Sequences waiting (a request with n completions counts n)."""
+        return self.stats["num_waiting"] + sum(params.n for _, _, params, _ in self._adds)
 
     # ---- requests ----------------------------------------------------------------------
-    def validate(self, prompt) -> dict:
-        """Tokenize and check a prompt; returns {"prompt", "prompt_token_ids"} or raises ValueError."""
+    def validate(self, prompt, params: SamplingParams | None = None) -> dict:
+        """Tokenize and check a prompt (and params against the model); returns
+        {"prompt", "prompt_token_ids"} or raises ValueError. Thread-safe: servers call it
+        off the event loop, since tokenizing a long prompt takes a while."""
+        if params is not None:
+            self.engine.check_params(params)
         text, ids = self.engine.tokenize(prompt)
         self.engine.validate_prompt(ids)
         return {"prompt": text, "prompt_token_ids": ids}
+
+    def check_capacity(self, num_seqs: int) -> None:
+        """Raise QueueFullError unless ``num_seqs`` more sequences may wait now."""
+        limit = self.max_waiting_requests
+        if limit is None:
+            return
+        if num_seqs > limit:
+            raise ValueError(f"the request asks for {num_seqs} sequences (prompts x n); this "
+                             f"server queues at most {limit}.")
+        if self.num_waiting + num_seqs > limit:
+            raise QueueFullError(f"{self.num_waiting} sequences are already waiting")
 
     def add_request(self, request_id: str, prompt, params: SamplingParams,
                     arrival_time: float | None = None) -> "RequestStream":
@@ -97,11 +118,10 @@ class AsyncLLMEngine:
             raise EngineDeadError("the engine loop is not running") from self.dead_error
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use.")
-        checked = self.validate(prompt)  # bad input is a 400 even when the queue is full
-        if self.max_waiting_requests is not None and self.num_waiting >= self.max_waiting_requests:
-            raise QueueFullError(f"{self.num_waiting} requests are already waiting")
+        checked = self.validate(prompt, params)  # bad input is a 400 even when the queue is full
+        self.check_capacity(params.n)
         stream = RequestStream(self, request_id)
-        self._streams[request_id] = stream.queue
+        self._streams[request_id] = stream
         with self._inbox_lock:
             self._adds.append((request_id, checked, params, arrival_time))
         self._wake.set()
@@ -146,16 +166,22 @@ class AsyncLLMEngine:
         except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
             logger.exception("engine loop died")
             self.dead_error = e
-            for queue in self._streams.values():
-                queue.put_nowait(EngineDeadError(f"engine loop died: {e!r}"))
+            for stream in self._streams.values():
+                stream.put(EngineDeadError(f"engine loop died: {e!r}"))
+            for callback in self.on_dead:
+                callback(e)
 
     def _has_work(self) -> bool:
         return bool(self._adds or self._aborts or self.engine.has_unfinished_requests())
 
     def _deliver(self, request_id: str, item) -> None:
-        queue = self._streams.get(request_id)
-        if queue is not None:
-            queue.put_nowait(item)
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(item, RequestOutput) and item.error is not None:
+            stream.put(item)  # the partial outputs, then the error
+            item = RequestFailedError(f"request failed inside the engine: {item.error}")
+        stream.put(item)
 
     def _step(self):
         """Worker thread: apply the inbox, then run one engine step."""
@@ -166,8 +192,9 @@ class AsyncLLMEngine:
         for request_id, prompt, params, arrival in adds:
             try:
                 self.engine.add_request(request_id, prompt, params, arrival)
-            except ValueError as e:
-                errors.append((request_id, e))
+            except Exception as e:  # noqa: BLE001 - this request's fault or bug, not the loop's
+                errors.append((request_id, e if isinstance(e, ValueError)
+                               else RequestFailedError(f"could not add the request: {e!r}")))
         if aborts:
             self.engine.abort_request(aborts)
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
@@ -181,27 +208,44 @@ def _worker() -> ThreadPoolExecutor:
 
 class RequestStream:
     """Async iterator over one request's cumulative outputs. ``close()`` (always call it,
-    e.g. in ``finally``) aborts the request if it has not finished, freeing its KV blocks."""
+    e.g. in ``finally``) aborts the request if it has not finished, freeing its KV blocks.
+
+    Outputs are cumulative, so the stream holds only the newest one: a reader slower than
+    the engine gets its deltas coalesced, and memory per stream stays bounded."""
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
         self.engine = engine
         self.request_id = request_id
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self.finished = False
         self.closed = False
+
+    def put(self, item) -> None:
+        """Event loop: the newest output (replacing an unread one) or a terminal error."""
+        if isinstance(item, BaseException):
+            self._error = self._error or item
+        else:
+            self._latest = item
+        self._ready.set()
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+        while True:
+            if self.finished:
+                raise StopAsyncIteration
+            if self._latest is not None:
+                item, self._latest = self._latest, None
+                self.finished = item.finished and self._error is None
+                return item
+            if self._error is not None:
+                self.finished = True
+                raise self._error
+            self._ready.clear()
+            await self._ready.wait()
 
     def close(self) -> None:
         if not self.closed:

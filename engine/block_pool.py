@@ -99,6 +99,12 @@ class BlockPool:
         block.token_ids = tuple(token_ids)
         self.cached[block_hash] = block
 
+    def uncache_unreferenced(self, blocks: Iterable[Block]) -> None:
+        """Take blocks that nobody references out of the prefix cache (their K/V is suspect)."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                self._evict(block)
+
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) is block:

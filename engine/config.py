@@ -54,6 +54,10 @@ class EngineConfig:
     # rounded once when stored, attention still accumulates in fp32. CPU only for now.
     kv_cache_dtype: str = "auto"
     skip_tokenizer_init: bool = False
+    # Characters a text prompt may have, checked before it is tokenized (a multi-MB prompt
+    # would otherwise cost seconds of tokenizing before the max_model_len check refuses it).
+    # None: max_model_len x the longest vocabulary entry, which no prompt that fits exceeds.
+    max_prompt_chars: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -67,6 +71,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be at least 1, got {self.max_prompt_chars}.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
         if self.quantization not in QUANTIZATIONS:

@@ -25,6 +25,9 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
+    def blocks(self, request_id: str) -> list[Block]:
+        return list(self.req_blocks.get(request_id, ()))
+
     def block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
 

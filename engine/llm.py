@@ -56,7 +56,7 @@ class LLM:
     def render_chat(self, messages, add_generation_prompt: bool = True,
                     chat_template_kwargs: dict | None = None) -> dict:
         return render_chat(self.engine.tokenizer, messages, add_generation_prompt,
-                           chat_template_kwargs)
+                           chat_template_kwargs, self.engine.max_prompt_chars)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(ids)

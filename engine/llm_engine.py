@@ -2,6 +2,12 @@
 
 A request asking for n completions becomes n child requests; the first child's full
 prompt blocks go into the prefix cache as it is scheduled, so the others share them.
+
+A request that makes a step fail (a bug in preparing or sampling it) fails alone: the step
+is re-run in halves, in schedule order, until the failing requests are found; they end with
+finish_reason "error" and their blocks are freed, and the others' outputs are what they
+would have been (seeded generators are rewound before each re-run). Only an
+``EngineFatalError`` escapes ``step``.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import faults
 from .config import EngineConfig, resolve_model_dir
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import KVCacheManager
@@ -18,7 +25,7 @@ from .model_runner import ModelRunner
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .request import Request, RequestStatus
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from .tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,8 +56,21 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(num_blocks)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.max_prompt_chars = self._max_prompt_chars()
         self.parents: dict[str, _Parent] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.errors: dict[str, str] = {}  # parent id -> why it failed, until reported
+
+    def _max_prompt_chars(self) -> int | None:
+        """Characters a text prompt may have, checked before tokenizing it. By default the
+        most that max_model_len tokens can spell (no token decodes to more characters than
+        its vocabulary entry has), so no prompt that fits is ever refused by it."""
+        if self.config.max_prompt_chars is not None:
+            return self.config.max_prompt_chars
+        if self.tokenizer is None:
+            return None
+        longest = max((len(piece) for piece in self.tokenizer.get_vocab()), default=1)
+        return self.max_model_len * max(longest, 1)
 
     def _max_model_len(self, num_blocks: int) -> int:
         limit = self.config.max_model_len or self.model_config.max_position_embeddings
@@ -68,6 +88,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True).")
+            self.check_prompt_chars(len(prompt))
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -78,6 +99,22 @@ class LLMEngine:
         if isinstance(prompt, (list, tuple)):
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict; got {type(prompt).__name__}.")
+
+    def check_prompt_chars(self, num_chars: int) -> None:
+        """Refuse text too long to fit max_model_len before spending time tokenizing it."""
+        if self.max_prompt_chars is not None and num_chars > self.max_prompt_chars:
+            raise ValueError(f"prompt is {num_chars} characters, more than this engine takes "
+                             f"(max_prompt_chars={self.max_prompt_chars}).")
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What only the loaded model can judge about SamplingParams (the rest is checked
+        when they are built)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams.")
+        vocab = self.model_config.vocab_size
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), "
+                             f"got {params.top_k}.")
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -93,8 +130,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError("sampling_params must be a SamplingParams.")
+        self.check_params(params)
         if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         text, ids = self.tokenize(prompt)
@@ -104,12 +140,19 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             children.append(Request(child_id, ids, params, self.eos_token_ids, self.max_model_len,
                                     arrival_time, index=i, parent_id=request_id))
-        self.parents[request_id] = _Parent(request_id, text, ids, children,
-                                           [[] for _ in range(params.n)])
+            if child_id in self.scheduler.requests:
+                raise ValueError(f"request_id {child_id!r} is already in use.")
+        # Everything that can fail is done before anything is registered: a request that
+        # raises here leaves no trace (no orphan to keep the loop busy).
+        detoks = {}
+        if self.tokenizer is not None:
+            detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r) for r in children}
         for req in children:
             self.runner.add_generator(req)
-            if self.tokenizer is not None:
-                self.detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req)
+        self.parents[request_id] = _Parent(request_id, text, ids, children,
+                                           [[] for _ in range(params.n)])
+        self.detokenizers.update(detoks)
+        for req in children:
             self.scheduler.add_request(req)
 
     def abort_request(self, request_ids) -> None:
@@ -130,21 +173,64 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        sampling_reqs, sampler_out = self.runner.execute(sched, self.kv_cache)
-        sampled = {}
-        if sampler_out is not None:
-            sampled = {r.request_id: t for r, t in zip(sampling_reqs, sampler_out.token_ids)}
-            for req, lp in zip(sampling_reqs, sampler_out.logprobs):
-                if lp is not None:
-                    self._record_logprobs(req, sampled[req.request_id], lp)
-        updated = self.scheduler.update_from_output(sched, sampled)
+        if faults.enabled():
+            faults.check("fatal", [s.request for s in sched.scheduled])
+        sampled, logprobs, failed = self._execute(sched.scheduled)
         touched: dict[str, _Parent] = {}
+        for req, error in failed.items():
+            parent = self._fail(req, error)
+            if parent is not None:
+                touched[parent.request_id] = parent
+        if failed:  # the failed requests and their siblings: ended, nothing to update
+            sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]
+        for req, lp in logprobs:
+            if not req.is_finished:
+                self._record_logprobs(req, sampled[req.request_id], lp)
+        updated = self.scheduler.update_from_output(sched, sampled)
         for req in updated:
             self._detokenize(req)
             parent = self.parents.get(req.parent_id)
             if parent is not None:
                 touched[parent.request_id] = parent
         return [self._make_output(p) for p in touched.values()]
+
+    def _execute(self, scheduled: list[ScheduledRequest]):
+        """Run the model for ``scheduled``: (sampled tokens by id, [(request, logprobs)],
+        {request: error} for the requests that could not be run)."""
+        rewind = self.runner.generator_states([s.request for s in scheduled])
+        try:
+            reqs, out = self.runner.execute(SchedulerOutput(scheduled), self.kv_cache)
+        except faults.EngineFatalError:
+            raise
+        except Exception as e:  # noqa: BLE001 - isolate the request(s) that caused it
+            if len(scheduled) == 1:
+                logger.exception("request %s failed inside a step", scheduled[0].request.request_id)
+                return {}, [], {scheduled[0].request: e}
+            self.runner.set_generator_states(rewind)
+            # In schedule order: a request may read blocks that an earlier one of this step
+            # publishes and writes, so the earlier half always runs first.
+            mid = len(scheduled) // 2
+            first, second = self._execute(scheduled[:mid]), self._execute(scheduled[mid:])
+            return ({**first[0], **second[0]}, first[1] + second[1], {**first[2], **second[2]})
+        if out is None:
+            return {}, [], {}
+        sampled = {r.request_id: t for r, t in zip(reqs, out.token_ids)}
+        logprobs = [(r, lp) for r, lp in zip(reqs, out.logprobs) if lp is not None]
+        return sampled, logprobs, {}
+
+    def _fail(self, req: Request, error: Exception) -> _Parent | None:
+        """End the failed request's whole parent (every sibling) with finish_reason "error"."""
+        parent = self.parents.get(req.parent_id)
+        if parent is None:
+            return None
+        self.errors[parent.request_id] = f"{type(error).__name__}: {error}"
+        for child in parent.children:
+            blocks = self.kv_cache.blocks(child.request_id)
+            self.scheduler.finish_request(child.request_id, RequestStatus.FINISHED_ERROR)
+            # Its K/V may never have been written: keep it out of the prefix cache.
+            self.kv_cache.pool.uncache_unreferenced(blocks)
+            child.status = RequestStatus.FINISHED_ERROR
+        return parent
 
     def _detokenize(self, req: Request) -> None:
         detok = self.detokenizers.get(req.request_id)
@@ -183,14 +269,16 @@ class LLMEngine:
                 finish_reason=req.status.finish_reason, stop_reason=req.stop_reason,
                 logprobs=parent.logprobs[req.index] if req.sampling_params.logprobs is not None else None))
         finished = all(req.is_finished for req in parent.children)
+        error = None
         if finished:
             self.parents.pop(parent.request_id, None)
+            error = self.errors.pop(parent.request_id, None)
             for req in parent.children:
                 self._drop_child(req)
         first = parent.children[0]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
                              finished, first.num_cached_tokens, first.arrival_time,
-                             first.first_scheduled_time)
+                             first.first_scheduled_time, error)
 
     def _drop_child(self, req: Request) -> None:
         self.detokenizers.pop(req.request_id, None)

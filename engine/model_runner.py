@@ -295,6 +295,16 @@ class ModelRunner:
     def drop_request(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
+    def generator_states(self, reqs: list[Request]) -> dict[str, torch.Tensor]:
+        """The seeded requests' generator states, to rewind them if a step is re-run."""
+        return {r.request_id: self.generators[r.request_id].get_state()
+                for r in reqs if r.request_id in self.generators}
+
+    def set_generator_states(self, states: dict[str, torch.Tensor]) -> None:
+        for request_id, state in states.items():
+            if request_id in self.generators:
+                self.generators[request_id].set_state(state)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager
                 ) -> tuple[list[Request], SamplerOutput | None]:

@@ -21,7 +21,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token that matched
     logprobs: SampleLogprobs | None = None
 
@@ -40,3 +40,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     arrival_time: float | None = None  # time.monotonic() stamps, for metrics
     first_scheduled_time: float | None = None
+    # Set when the request failed inside a step (finish_reason "error"): what went wrong.
+    error: str | None = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import faults
 from .request import Request
 
 
@@ -42,6 +43,8 @@ class Sampler:
         logprobs = [None] * len(reqs)
         if raw_logprobs is not None:
             logprobs = _gather_logprobs(raw_logprobs, tokens, reqs)
+        if faults.enabled():  # after the draws: a retry must undo generator state too
+            faults.check("sample", reqs)
         return SamplerOutput(token_list, logprobs)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:

@@ -1,7 +1,30 @@
-"""Per-request sampling settings, validated on construction (vLLM-shaped)."""
+"""Per-request sampling settings, validated on construction (vLLM-shaped).
+
+Every front end (OpenAI, Triton, the batch runner, ``LLM``) builds one of these, so the rules
+for what a client may ask live here, once. Numbers must be finite and within the bounds
+below; anything that only the loaded model can judge (``top_k`` against the vocabulary) is
+checked by ``LLMEngine.check_params``. Bounds that a hostile request would otherwise turn
+into work for every sequence on the server (``n``, stop strings) are capped.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_N = 128  # OpenAI's bound on `n`
+MAX_LOGPROBS = 20  # OpenAI's bound on `logprobs` / `top_logprobs`
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_TEMPERATURE = 100.0
+# Below this a temperature is greedy: dividing fp32 logits by it would overflow (1e-50 is
+# 0.0 in fp32) long before the draw could differ from the argmax. vLLM uses the same 1e-5.
+GREEDY_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+INT64_MAX = 2**63 - 1
+# torch.Generator.manual_seed takes any value in [-2^63, 2^64 - 1]; child i of a request
+# is seeded with seed + i, so every derived seed must stay inside that range too.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -27,66 +50,80 @@ class SamplingParams:
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._check_types()
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        self._check_ints()
+        self._check_numbers()
         if self.top_k == 0:
             self.top_k = -1
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}.")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens}).")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+        if self.seed is not None and self.seed + self.n - 1 > SEED_RANGE[1]:
+            raise ValueError(f"seed + n - 1 must be at most {SEED_RANGE[1]} (each of the n "
+                             f"completions is seeded with seed + its index), got {self.seed}.")
         if self.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported.")
+        self._stop = self._check_stop()
+        self.stop_token_ids = self._check_stop_token_ids()
+
+    def _check_ints(self) -> None:
+        bounds = {  # name: (lowest, highest, may be None)
+            "n": (1, MAX_N, False), "top_k": (-1, INT64_MAX, False),
+            "min_tokens": (0, INT64_MAX, False), "max_tokens": (1, INT64_MAX, True),
+            "logprobs": (0, MAX_LOGPROBS, True), "seed": (*SEED_RANGE, True),
+        }
+        for name, (lo, hi, optional) in bounds.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not _is_int(value):
+                kind = "an integer or None" if optional else "an integer"
+                raise ValueError(f"{name} must be {kind}, got {value!r:.80}.")
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}.")
+
+    def _check_numbers(self) -> None:
+        lo_rep, hi_rep = REPETITION_PENALTY_RANGE
+        bounds = {  # name: (lowest, highest, lowest excluded)
+            "temperature": (0.0, MAX_TEMPERATURE, False), "top_p": (0.0, 1.0, True),
+            "min_p": (0.0, 1.0, False), "repetition_penalty": (lo_rep, hi_rep, False),
+            "presence_penalty": (-2.0, 2.0, False), "frequency_penalty": (-2.0, 2.0, False),
+        }
+        for name, (lo, hi, open_lo) in bounds.items():
+            value = _finite_float(name, getattr(self, name))
+            if not (lo < value if open_lo else lo <= value) or value > hi:
+                interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+                raise ValueError(f"{name} must be in {interval}, got {value:g}.")
+            setattr(self, name, value)
+
+    def _check_stop(self) -> list[str]:
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r:.80}.")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if not all(isinstance(s, str) for s in stop):
+            raise ValueError("stop must be a string or a list of strings.")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}.")
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty.")
-        self._stop = stop
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative token ids.")
+        longest = max((len(s) for s in stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"stop strings may be at most {MAX_STOP_STRING_CHARS} characters "
+                             f"long, got one of {longest}.")
+        return stop
 
-    def _check_types(self) -> None:
-        ints = ("n", "top_k", "min_tokens")
-        floats = ("temperature", "top_p", "min_p", "repetition_penalty",
-                  "presence_penalty", "frequency_penalty")
-        for name in ints:
-            if not _is_int(getattr(self, name)):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}.")
-        for name in floats:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}.")
-        for name in ("seed", "max_tokens", "logprobs"):
-            value = getattr(self, name)
-            if value is not None and not _is_int(value):
-                raise ValueError(f"{name} must be an integer or None, got {value!r}.")
-        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
-            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
-        if self.stop is not None and not isinstance(self.stop, str):
-            if not all(isinstance(s, str) for s in self.stop):
-                raise ValueError("stop must be a string or a list of strings.")
-        if self.stop_token_ids is not None and not all(_is_int(t) for t in self.stop_token_ids):
+    def _check_stop_token_ids(self) -> list[int]:
+        ids = self.stop_token_ids
+        if ids is not None and not isinstance(ids, (list, tuple)):
             raise ValueError("stop_token_ids must be a list of integers.")
+        ids = list(ids or [])
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(ids)}.")
+        if not all(_is_int(t) for t in ids):
+            raise ValueError("stop_token_ids must be a list of integers.")
+        if any(not 0 <= t <= INT64_MAX for t in ids):
+            raise ValueError("stop_token_ids must be non-negative token ids.")
+        return ids
 
     @property
     def stop_strings(self) -> list[str]:
@@ -94,7 +131,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def needs_penalties(self) -> bool:
@@ -104,3 +141,16 @@ class SamplingParams:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_float(name: str, value) -> float:
+    """value as a finite float, or a ValueError naming the field (never OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r:.80}.")
+    try:
+        number = float(value)  # an int past ~1e308 raises OverflowError here
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r:.80}.")
+    return number

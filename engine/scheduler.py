@@ -37,6 +37,57 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+class WaitingQueue:
+    """FIFO of waiting requests whose ``remove`` is O(1): aborting all n children of a
+    large-n request must not cost O(n^2). A removed request's entry is only marked dead and
+    dropped once it reaches the head (or when dead entries outnumber live ones)."""
+
+    def __init__(self) -> None:
+        self._entries: deque[list] = deque()  # [request, alive]
+        self._live: dict[int, list] = {}  # id(request) -> its live entry
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, req: Request) -> bool:
+        return id(req) in self._live
+
+    def __iter__(self):
+        return (e[0] for e in list(self._entries) if e[1])
+
+    def append(self, req: Request) -> None:
+        self._add(req, self._entries.append)
+
+    def appendleft(self, req: Request) -> None:
+        self._add(req, self._entries.appendleft)
+
+    def _add(self, req: Request, push) -> None:
+        if id(req) in self._live:
+            raise ValueError(f"{req.request_id!r} is already waiting.")
+        entry = [req, True]
+        self._live[id(req)] = entry
+        push(entry)
+
+    def peek(self) -> Request:
+        self._drop_dead_head()
+        return self._entries[0][0]
+
+    def popleft(self) -> Request:
+        self._drop_dead_head()
+        req = self._entries.popleft()[0]
+        del self._live[id(req)]
+        return req
+
+    def remove(self, req: Request) -> None:
+        self._live.pop(id(req))[1] = False
+        if len(self._entries) > 64 and len(self._entries) > 2 * len(self._live):
+            self._entries = deque(e for e in self._entries if e[1])
+
+    def _drop_dead_head(self) -> None:
+        while self._entries and not self._entries[0][1]:
+            self._entries.popleft()
+
+
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, watermark: float = 0.01) -> None:
@@ -46,7 +97,7 @@ class Scheduler:
         # Admission keeps this many blocks spare so new arrivals do not immediately
         # force preemption of the requests already running.
         self.watermark_blocks = int(watermark * kv_cache.pool.num_blocks)
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
@@ -88,7 +139,7 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+            req = self.waiting.peek()
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit_tokens, budget)
             # Hits still referenced by others cost nothing; unreferenced hits leave the free queue.
@@ -147,9 +198,9 @@ class Scheduler:
         return req
 
     def _free(self, req: Request) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
+        if req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.running:  # at most max_num_seqs long
+            self.running.remove(req)
         self.kv_cache.free(req)
         del self.requests[req.request_id]

@@ -33,17 +33,21 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} objects.")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"messages[{i}] must be an object with a 'role'.")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string 'role'.")
         content = m.get("content")
         if isinstance(content, list):
             parts = []
             for part in content:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise ValueError(f"messages[{i}].content: only text parts are supported.")
-                parts.append(str(part.get("text", "")))
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content: a text part needs a string 'text'.")
+                parts.append(part["text"])
             content = "".join(parts)
         elif content is None:
+            if m["role"] in ("user", "system", "developer"):
+                raise ValueError(f"messages[{i}] ({m['role']}) needs a 'content'.")
             content = ""
         elif not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts.")
@@ -52,12 +56,16 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
 
 
 def render_chat(tokenizer, messages, add_generation_prompt: bool = True,
-                chat_template_kwargs: dict | None = None) -> dict:
-    """{"prompt", "prompt_token_ids"} for a conversation, through the tokenizer's chat template."""
+                chat_template_kwargs: dict | None = None, max_chars: int | None = None) -> dict:
+    """{"prompt", "prompt_token_ids"} for a conversation, through the tokenizer's chat
+    template; a rendering longer than ``max_chars`` is refused before it is tokenized."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template.")
     text = tokenizer.apply_chat_template(normalize_messages(messages), tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
                                          **(chat_template_kwargs or {}))
+    if max_chars is not None and len(text) > max_chars:
+        raise ValueError(f"the rendered chat is {len(text)} characters, more than this engine "
+                         f"takes (max_prompt_chars={max_chars}).")
     # The template already spells out special tokens such as BOS.
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}

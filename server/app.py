@@ -8,16 +8,20 @@ import contextlib
 import hmac
 import json
 import logging
-import time
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+from engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError,
+                                 RequestFailedError)
 
 from . import protocol as P
 from .metrics import Metrics
@@ -34,6 +38,14 @@ class ServerSettings:
     api_key: str | None = None
     request_timeout: float | None = None  # seconds; None = no deadline
     max_body_bytes: int = 8 << 20
+    body_read_timeout: float = 30.0  # seconds for a request body to arrive in full
+    # Rendering a chat template and tokenizing run on a thread; past this many seconds the
+    # request gets a 400 (the thread is not interrupted: keep templates from clients off).
+    prepare_timeout: float = 10.0
+    trust_request_chat_template: bool = False
+    # If the engine loop dies: SIGTERM this process after this many seconds (so that open
+    # streams get their error event first) and let a supervisor restart it. None: stay up.
+    exit_on_engine_death_after: float | None = None
 
 
 def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlette:
@@ -42,9 +54,12 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
     @contextlib.asynccontextmanager
     async def lifespan(app):
         async_engine.start()
+        if settings.exit_on_engine_death_after is not None:
+            async_engine.on_dead.append(lambda e: _exit_later(settings.exit_on_engine_death_after))
         try:
             yield
         finally:
+            api.prep_pool.shutdown(wait=False, cancel_futures=True)
             await async_engine.stop()
 
     routes = [
@@ -58,12 +73,29 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
         Route("/v2/models/{model}", api.triton_model, methods=["GET"]),
         Route("/v2/models/{model}/generate", api.triton_generate, methods=["POST"]),
         Route("/v2/models/{model}/generate_stream", api.triton_generate_stream, methods=["POST"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    handlers = {HTTPException: _http_error, Exception: _internal_error}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+
+
+def _exit_later(grace: float) -> None:
+    logger.error("engine loop died: stopping the server in %.1f s (exit status 1)", grace)
+    asyncio.get_running_loop().call_later(grace, os.kill, os.getpid(), signal.SIGTERM)
 
 
 def error_response(err: P.APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown route 404, 405) in the same JSON shape as ours."""
+    return error_response(P.APIError(exc.status_code, str(exc.detail), headers=exc.headers))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("internal error on %s", request.url.path, exc_info=exc)
+    return error_response(P.APIError(500, "internal server error", "internal_error"))
 
 
 def _guarded(handler):
@@ -79,6 +111,8 @@ def _guarded(handler):
                                              "server_overloaded", headers={"Retry-After": "1"}))
         except EngineDeadError as e:
             return error_response(P.APIError(503, str(e), "engine_dead"))
+        except RequestFailedError as e:
+            return error_response(P.APIError(500, str(e), "internal_error"))
         except Exception:  # noqa: BLE001 - our bug: report it, keep serving
             logger.exception("internal error on %s", request.url.path)
             return error_response(P.APIError(500, "internal server error", "internal_error"))
@@ -93,6 +127,8 @@ class _API:
         self.tokenizer = async_engine.engine.tokenizer
         self.token_text = P.TokenText(self.tokenizer)
         self.metrics = Metrics(async_engine)
+        # Chat templates and tokenizing run here, never on the event loop.
+        self.prep_pool = ThreadPoolExecutor(2, thread_name_prefix="kvserve-prep")
 
     # ---- plumbing ----------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -111,31 +147,44 @@ class _API:
         if declared and declared.isdigit() and int(declared) > limit:
             raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limit:
-                raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
         try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise P.APIError(400, f"request body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise P.APIError(400, "request body must be a JSON object")
-        return body
+            async with asyncio.timeout(self.settings.body_read_timeout):
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > limit:
+                        raise P.APIError(413, f"request body over {limit} bytes",
+                                         code="request_too_large")
+        except TimeoutError as e:
+            raise P.APIError(408, f"request body not received within "
+                                  f"{self.settings.body_read_timeout}s", code="request_timeout") from e
+        return P.parse_json(bytes(data))
 
     def check_model(self, name) -> None:
         if name is not None and name != self.settings.served_model_name:
-            raise P.APIError(404, f"The model `{name}` does not exist.", param="model",
+            raise P.APIError(404, f"The model `{name:.200}` does not exist.", param="model",
                              code="model_not_found")
 
-    def start_streams(self, request_id: str, prompts: list, params) -> list:
-        """Queue every prompt (all validated first, so a bad one queues nothing)."""
+    async def start_streams(self, request_id: str, prompts: list, params,
+                            param: str = "prompt") -> list:
+        """Queue every prompt (all rendered and validated first, off the event loop, so a
+        bad one queues nothing); a request's sequences (prompts x n) are admitted together."""
+        loop = asyncio.get_running_loop()
         checked = []
         for i, p in enumerate(prompts):
+            name = param if len(prompts) == 1 else f"{param}[{i}]"
+            job = loop.run_in_executor(self.prep_pool, self._prepare, p, params)
             try:
-                checked.append(self.engine.validate(p))
+                async with asyncio.timeout(self.settings.prepare_timeout):
+                    checked.append(await job)
+            except TimeoutError as e:
+                raise P.bad_field(name, f"preparing the prompt took over "
+                                        f"{self.settings.prepare_timeout}s") from e
             except ValueError as e:
-                raise P.bad_field("prompt" if len(prompts) == 1 else f"prompt[{i}]", str(e)) from e
+                raise P.bad_field(name, str(e)) from e
+        try:
+            self.engine.check_capacity(len(checked) * params.n)
+        except ValueError as e:
+            raise P.bad_field("n", str(e)) from e
         streams = []
         try:
             for i, c in enumerate(checked):
@@ -145,6 +194,10 @@ class _API:
                 s.close()
             raise
         return streams
+
+    def _prepare(self, prompt, params) -> dict:
+        """Prep thread: render (chat) and tokenize one prompt, and check it and params."""
+        return self.engine.validate(prompt() if callable(prompt) else prompt, params)
 
     async def run_to_end(self, request: Request, streams, timer):
         """Non-streamed: the final output of each prompt. A client that hangs up or a passed
@@ -175,7 +228,7 @@ class _API:
         self.check_model(P.field(body, "model", "str"))
         req = P.parse_completion(body)
         rid = P.new_id("cmpl")
-        streams = self.start_streams(rid, req.prompts, req.params)
+        streams = await self.start_streams(rid, req.prompts, req.params)
         shaper = CompletionShaper(self.token_text, self.settings.served_model_name, rid,
                                   req.params, req.echo)
         return await self.respond(request, streams, shaper, req)
@@ -184,9 +237,10 @@ class _API:
     async def chat(self, request: Request):
         body = await self.read_json(request)
         self.check_model(P.field(body, "model", "str"))
-        req = P.parse_chat(body, self.tokenizer)
+        req = P.parse_chat(body, self.tokenizer, self.settings.trust_request_chat_template,
+                           self.engine.engine.max_prompt_chars)
         rid = P.new_id("chatcmpl")
-        streams = self.start_streams(rid, req.prompts, req.params)
+        streams = await self.start_streams(rid, req.prompts, req.params, "messages")
         shaper = ChatShaper(self.token_text, self.settings.served_model_name, rid, req.params,
                             req.params.logprobs or 0)
         return await self.respond(request, streams, shaper, req)
@@ -223,10 +277,9 @@ class _API:
                              code="request_timeout")
             yield {"data": json.dumps(err.body())}
             yield {"data": "[DONE]"}
-        except (EngineDeadError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - a stream ends with an error event, never cut
             outcome = "error"
-            yield {"data": json.dumps(P.APIError(503 if isinstance(e, EngineDeadError) else 400,
-                                                 str(e)).body())}
+            yield {"data": json.dumps(_stream_error(e).body())}
             yield {"data": "[DONE]"}
         finally:
             for s in streams:
@@ -252,6 +305,11 @@ class _API:
     async def metrics_endpoint(self, request: Request):
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    async def openapi(self, request: Request):
+        from .openapi import openapi_document
+
+        return JSONResponse(openapi_document(self.settings.served_model_name))
+
     async def version(self, request: Request):
         return JSONResponse({"version": VERSION})
 
@@ -268,6 +326,8 @@ class _API:
         if "stop_words" in fields and "stop" not in fields:  # TensorRT-LLM spelling
             fields["stop"] = fields["stop_words"] or None
         params = P.sampling_params(fields, P.field(fields, "max_tokens", "int", 64), None)
+        if params.n != 1:
+            raise P.bad_field("n", "the generate extension returns one text_output: n must be 1.")
         return text, params
 
     @_guarded
@@ -281,7 +341,7 @@ class _API:
     @_guarded
     async def triton_generate(self, request: Request):
         text, params = self.triton_request(request, await self.read_json(request))
-        streams = self.start_streams(P.new_id("trt"), [text], params)
+        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input")
         timer = self.metrics.timer()
         finals = await self.run_to_end(request, streams, timer)
         out = finals[0].outputs[0]
@@ -292,20 +352,38 @@ class _API:
     @_guarded
     async def triton_generate_stream(self, request: Request):
         text, params = self.triton_request(request, await self.read_json(request))
-        streams = self.start_streams(P.new_id("trt"), [text], params)
+        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input")
         name = self.settings.served_model_name
 
         async def events():
             state = ChoiceState()
             try:
-                async for _, out in merge(streams):
-                    delta, _ = state.advance(out.outputs[0])
-                    if delta or out.finished:
-                        yield {"data": json.dumps({"model_name": name, "model_version": "1",
-                                                   "text_output": delta})}
+                async with asyncio.timeout(self.settings.request_timeout):
+                    async for _, out in merge(streams):
+                        delta, _ = state.advance(out.outputs[0])
+                        if delta or out.finished:
+                            yield {"data": json.dumps({"model_name": name, "model_version": "1",
+                                                       "text_output": delta})}
+            except TimeoutError:
+                yield {"data": json.dumps({"error": "request exceeded its deadline and was "
+                                                    "aborted"})}
+            except Exception as e:  # noqa: BLE001 - Triton's error event, never a cut stream
+                yield {"data": json.dumps({"error": _stream_error(e).message})}
             finally:
                 streams[0].close()
         return EventSourceResponse(events(), ping=15)
+
+
+def _stream_error(e: Exception) -> P.APIError:
+    """The error event that ends a stream after its headers went out."""
+    if isinstance(e, EngineDeadError):
+        return P.APIError(503, str(e), "engine_dead")
+    if isinstance(e, ValueError):
+        return P.APIError(400, str(e))
+    if isinstance(e, RequestFailedError):
+        return P.APIError(500, str(e), "internal_error")
+    logger.exception("internal error in a stream", exc_info=e)
+    return P.APIError(500, "internal server error", "internal_error")
 
 
 async def _until_disconnect(request: Request, coro):

@@ -12,7 +12,9 @@ USAGE = """usage: kvserve serve [--model PATH] [--host H] [--port P] [options]  
        kvserve generate PROMPT [PROMPT ...] [options]                (generate -h for all)"""
 
 SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requests",
-               "request_timeout", "max_body_bytes", "log_level")
+               "request_timeout", "max_body_bytes", "log_level", "body_read_timeout",
+               "header_read_timeout", "trust_request_chat_template", "exit_on_engine_death",
+               "engine_death_grace")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --cpu-compile: decode steps of more sequences run eagerly")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
+    p.add_argument("--max-prompt-chars", type=int,
+                   help="longest text prompt, checked before tokenizing (default: "
+                        "max_model_len x the longest vocabulary entry)")
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -51,9 +56,22 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="name clients use (default: from the model path)")
     p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
     p.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="queue bound; beyond it requests get 503 + Retry-After")
+                   help="queue bound in sequences (prompts x n); beyond it requests get "
+                        "503 + Retry-After")
     p.add_argument("--request-timeout", type=float, help="seconds before a request is aborted")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
+    p.add_argument("--header-read-timeout", type=float, default=10.0,
+                   help="seconds for a request's headers to arrive (then 408 and close)")
+    p.add_argument("--body-read-timeout", type=float, default=30.0,
+                   help="seconds for a request's body to arrive (then 408)")
+    p.add_argument("--trust-request-chat-template", action="store_true", default=False,
+                   help="let requests bring their own chat_template (code the server runs)")
+    p.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death",
+                   action="store_false", default=True,
+                   help="keep serving 503s if the engine loop dies (default: exit 1 so a "
+                        "supervisor restarts the server)")
+    p.add_argument("--engine-death-grace", type=float, default=2.0,
+                   help="seconds between the engine loop dying and the process exiting")
     p.add_argument("--log-level", default="info")
     p.add_argument("--seed", type=int)
     return p
@@ -101,13 +119,31 @@ def serve(argv: list[str]) -> int:
     async_engine = AsyncLLMEngine.from_config(EngineConfig(**engine_kwargs),
                                               srv.get("max_waiting_requests"))
     name = srv.get("served_model_name") or _default_name(engine_kwargs.get("model"))
-    settings = ServerSettings(served_model_name=name, api_key=srv.get("api_key"),
-                              request_timeout=srv.get("request_timeout"),
-                              max_body_bytes=srv.get("max_body_bytes", 8 << 20))
+    settings = ServerSettings(
+        served_model_name=name, api_key=srv.get("api_key"),
+        request_timeout=srv.get("request_timeout"),
+        max_body_bytes=srv.get("max_body_bytes", 8 << 20),
+        body_read_timeout=srv.get("body_read_timeout", 30.0),
+        trust_request_chat_template=bool(srv.get("trust_request_chat_template")),
+        exit_on_engine_death_after=(srv.get("engine_death_grace", 2.0)
+                                    if srv.get("exit_on_engine_death", True) else None))
     app = build_app(async_engine, settings)
     uvicorn.run(app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
-                log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5)
+                log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5,
+                **_http_protocol(srv.get("header_read_timeout", 10.0)))
+    if async_engine.dead_error is not None:
+        logging.getLogger("kvserve.server").error("exiting with status 1: the engine loop died")
+        return 1
     return 0
+
+
+def _http_protocol(header_timeout: float | None) -> dict:
+    """uvicorn's h11 protocol with a deadline for request headers (uvicorn has none)."""
+    if not header_timeout:
+        return {}
+    from .http_timeouts import protocol_with_header_timeout
+
+    return {"http": protocol_with_header_timeout(header_timeout)}
 
 
 def _default_name(model: str | None) -> str:

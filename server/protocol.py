@@ -5,13 +5,15 @@ naming the field.
 """
 from __future__ import annotations
 
+import functools
+import json
 import time
 import uuid
 from dataclasses import dataclass
 
 from engine import SamplingParams
 from engine.outputs import CompletionOutput
-from engine.tokenizer import render_chat
+from engine.tokenizer import normalize_messages, render_chat
 
 _MISSING = object()
 
@@ -31,6 +33,31 @@ class APIError(Exception):
 
 def bad_field(name: str, message: str) -> APIError:
     return APIError(400, message, param=name)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(data: bytes) -> dict:
+    """A request body as a JSON object, or a 400: strict JSON (no NaN / Infinity), bounded
+    nesting, and no lone UTF-16 surrogates (which no response could encode back)."""
+    try:
+        body = json.loads(data, parse_constant=_no_constant)
+    except RecursionError as e:
+        raise APIError(400, "request body is nested too deeply") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:  # C-speed check of every string in the body
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, "request body holds invalid Unicode (a lone surrogate escape such "
+                            "as \\ud800)") from e
+    except RecursionError as e:
+        raise APIError(400, "request body is nested too deeply") from e
+    return body
 
 
 def field(body: dict, name: str, kind: str, default=None):
@@ -110,7 +137,9 @@ def completion_prompts(body: dict) -> list:
 
 @dataclass
 class ParsedRequest:
-    prompts: list  # each: str, {"prompt_token_ids": [...]} or {"prompt", "prompt_token_ids"}
+    # each: str, {"prompt_token_ids": [...]}, {"prompt", "prompt_token_ids"}, or a callable
+    # returning one (a chat template to render, off the event loop)
+    prompts: list
     params: SamplingParams
     stream: bool = False
     stream_options: StreamOptions = None
@@ -127,15 +156,45 @@ def parse_completion(body: dict) -> ParsedRequest:
                          stream_options(body), field(body, "echo", "bool", False))
 
 
-def parse_chat(body: dict, tokenizer) -> ParsedRequest:
+# apply_chat_template's own parameters: a client passing them through chat_template_kwargs
+# would change how the template is applied rather than fill it in.
+_TEMPLATE_ARGS = {"conversation", "tools", "documents", "add_generation_prompt",
+                  "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                  "return_tensors", "return_dict", "return_assistant_tokens_mask",
+                  "tokenizer_kwargs"}
+
+
+def chat_template_args(body: dict, trust_request_template: bool) -> dict:
+    """The template keyword arguments a request may set. A template of the client's own is
+    code the server would run: refused unless the operator trusts clients with it."""
+    kwargs = dict(field(body, "chat_template_kwargs", "dict", {}))
+    template = field(body, "chat_template", "str", kwargs.pop("chat_template", None))
+    if template is not None:
+        if not trust_request_template:
+            raise bad_field("chat_template", "this server does not accept chat templates in "
+                            "requests (start it with --trust-request-chat-template to allow it).")
+        if not isinstance(template, str):
+            raise bad_field("chat_template", "'chat_template' must be a string.")
+        kwargs["chat_template"] = template
+    reserved = sorted(_TEMPLATE_ARGS & kwargs.keys())
+    if reserved:
+        raise bad_field("chat_template_kwargs", f"chat_template_kwargs may not set {reserved}.")
+    return kwargs
+
+
+def parse_chat(body: dict, tokenizer, trust_request_template: bool = False,
+               max_chars: int | None = None) -> ParsedRequest:
     try:
-        prompt = render_chat(tokenizer, body.get("messages"),
-                             field(body, "add_generation_prompt", "bool", True),
-                             field(body, "chat_template_kwargs", "dict"))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failing template is the request's fault
+        messages = normalize_messages(body.get("messages"))
+    except ValueError as e:
         raise bad_field("messages", str(e)) from e
+    chars = sum(len(m["content"]) for m in messages)
+    if max_chars is not None and chars > max_chars:
+        raise bad_field("messages", f"messages hold {chars} characters, more than this server "
+                                    f"takes (max_prompt_chars={max_chars}).")
+    render = functools.partial(
+        _render, tokenizer, messages, field(body, "add_generation_prompt", "bool", True),
+        chat_template_args(body, trust_request_template), max_chars)
     want_logprobs = field(body, "logprobs", "bool", False)
     top = field(body, "top_logprobs", "int")
     if top is not None and not 0 <= top <= 20:
@@ -144,8 +203,17 @@ def parse_chat(body: dict, tokenizer) -> ParsedRequest:
         raise bad_field("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
     max_tokens = field(body, "max_completion_tokens", "int", field(body, "max_tokens", "int"))
     params = sampling_params(body, max_tokens, (top or 0) if want_logprobs else None)
-    return ParsedRequest([prompt], params, field(body, "stream", "bool", False),
+    return ParsedRequest([render], params, field(body, "stream", "bool", False),
                          stream_options(body))
+
+
+def _render(tokenizer, messages, add_generation_prompt, kwargs, max_chars) -> dict:
+    try:
+        return render_chat(tokenizer, messages, add_generation_prompt, kwargs, max_chars)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failing template is the request's fault
+        raise ValueError(f"the chat template failed on these messages: {e}") from e
 
 
 def new_id(prefix: str) -> str:

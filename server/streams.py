@@ -31,17 +31,19 @@ async def merge(streams):
         finally:
             streams[0].close()
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: a pump waits for the reader, and its stream coalesces outputs meanwhile.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
     done = object()
 
     async def pump(i, stream):
         try:
             async for out in stream:
-                queue.put_nowait((i, out))
+                await queue.put((i, out))
+            await queue.put((i, done))
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, e))
-        finally:
-            queue.put_nowait((i, done))
+            await queue.put((i, e))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
