@@ -127,8 +127,9 @@ class _API:
         self.tokenizer = async_engine.engine.tokenizer
         self.token_text = P.TokenText(self.tokenizer)
         self.metrics = Metrics(async_engine)
-        # Chat templates and tokenizing run here, never on the event loop.
-        self.prep_pool = ThreadPoolExecutor(2, thread_name_prefix="kvserve-prep")
+        # Chat templates and tokenizing run here, never on the event loop. One thread: a
+        # fast tokenizer is not safe to share between concurrent encodes.
+        self.prep_pool = ThreadPoolExecutor(1, thread_name_prefix="kvserve-prep")
 
     # ---- plumbing ----------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:

@@ -43,6 +43,7 @@ class Job:
     shaper: object
     request_ids: list[str]
     finals: dict = field(default_factory=dict)
+    failed: bool = False  # an error line was written already
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,13 +185,14 @@ class BatchRunner:
         try:
             body = {**self.defaults, **item.body}
             if item.url == CHAT:
-                req = P.parse_chat(body, self.engine.tokenizer)
+                req = P.parse_chat(body, self.engine.tokenizer,
+                                   max_chars=self.engine.max_prompt_chars)
                 shaper = ChatShaper(self.token_text, self.model_name, rid, req.params,
                                     req.params.logprobs or 0)
             else:
                 req = P.parse_completion(body)
                 shaper = CompletionShaper(self.token_text, self.model_name, rid, req.params, req.echo)
-            checked = [self._validate(i, p, len(req.prompts)) for i, p in enumerate(req.prompts)]
+            checked = [self._validate(i, p, req) for i, p in enumerate(req.prompts)]
         except P.APIError as e:
             self.finish_line(item.custom_id, e.status, e.body(), rid)
             return
@@ -199,12 +201,14 @@ class BatchRunner:
             self.engine.add_request(request_id, prompt, req.params)
             self.jobs[request_id] = job
 
-    def _validate(self, i: int, prompt, count: int) -> dict:
+    def _validate(self, i: int, prompt, req: P.ParsedRequest) -> dict:
+        name = "messages" if callable(prompt) else "prompt"
         try:
-            text, ids = self.engine.tokenize(prompt)
+            self.engine.check_params(req.params)
+            text, ids = self.engine.tokenize(prompt() if callable(prompt) else prompt)
             self.engine.validate_prompt(ids)
         except ValueError as e:
-            raise P.bad_field("prompt" if count == 1 else f"prompt[{i}]", str(e)) from e
+            raise P.bad_field(name if len(req.prompts) == 1 else f"{name}[{i}]", str(e)) from e
         return {"prompt": text, "prompt_token_ids": ids}
 
     def step(self) -> None:
@@ -214,7 +218,12 @@ class BatchRunner:
             job = self.jobs.pop(out.request_id)
             job.finals[out.request_id] = out
             self.generated += sum(len(c.token_ids) for c in out.outputs)
-            if len(job.finals) == len(job.request_ids):
+            if out.error is not None and not job.failed:
+                job.failed = True  # its other prompts still finish; the line is an error
+                self.finish_line(job.item.custom_id, 500, P.APIError(
+                    500, f"request failed inside the engine: {out.error}", "internal_error").body(),
+                    job.shaper.id)
+            if len(job.finals) == len(job.request_ids) and not job.failed:
                 finals = [job.finals[r] for r in job.request_ids]
                 self.finish_line(job.item.custom_id, 200, job.shaper.full_response(finals),
                                  job.shaper.id)

@@ -1,0 +1,280 @@
+"""The server's OpenAPI 3.0.3 document (served at ``GET /openapi.json``).
+
+Built as a plain dict. Request bodies list the fields the server reads (see protocol.py and
+app.py's ``triton_request``) with the limits it enforces; unknown fields are ignored, so the
+request objects stay open. Response bodies are described loosely (OpenAI's shapes).
+"""
+from __future__ import annotations
+
+import copy
+
+REF = "#/components/schemas/"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": REF + name}
+
+
+def _int(description: str | None = None, *, nullable: bool = True, **limits) -> dict:
+    return _prop({"type": "integer", **limits}, description, nullable)
+
+
+def _num(description: str | None = None, *, nullable: bool = True, **limits) -> dict:
+    return _prop({"type": "number", **limits}, description, nullable)
+
+
+def _bool(description: str | None = None) -> dict:
+    return _prop({"type": "boolean"}, description, True)
+
+
+def _prop(schema: dict, description: str | None, nullable: bool) -> dict:
+    if description:
+        schema["description"] = description
+    if nullable:  # null means "use the default", as if the field were absent
+        schema["nullable"] = True
+    return schema
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_TOKEN_ID = {"type": "integer", "minimum": 0}
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 1024}
+
+SCHEMAS: dict = {
+    # ---- requests ----------------------------------------------------------------------
+    "SamplingFields": {
+        "type": "object",
+        "description": "Sampling fields shared by every generate route. null = the default.",
+        "properties": {
+            "max_tokens": _int("Tokens to generate (default: 16 for completions, the rest of "
+                               "the context for chat, 64 for Triton).", minimum=1),
+            "temperature": _num("0 (or below 1e-5) is greedy.", minimum=0, maximum=100),
+            "top_p": _num(minimum=0, exclusiveMinimum=True, maximum=1),
+            "top_k": _int("-1 or 0 disables; otherwise 1..vocabulary size.", minimum=-1),
+            "min_p": _num(minimum=0, maximum=1),
+            "n": _int("Choices per prompt.", minimum=1, maximum=128),
+            "seed": _int(minimum=-(2 ** 63), maximum=2 ** 64 - 1),
+            "presence_penalty": _num(minimum=-2, maximum=2),
+            "frequency_penalty": _num(minimum=-2, maximum=2),
+            "repetition_penalty": _num(minimum=0.01, maximum=100),
+            "stop": {"oneOf": [_STOP_STRING,
+                               {"type": "array", "maxItems": 64, "items": _STOP_STRING}],
+                     "nullable": True,
+                     "description": "Up to 64 non-empty strings of at most 1024 characters."},
+            "stop_token_ids": {"type": "array", "maxItems": 1024, "items": _TOKEN_ID,
+                               "nullable": True},
+            "ignore_eos": _bool(),
+            "min_tokens": _int("At most max_tokens.", minimum=0),
+            "skip_special_tokens": _bool(),
+            "include_stop_str_in_output": _bool(),
+        },
+    },
+    "StreamOptions": {"type": "object", "nullable": True,
+                      "properties": {"include_usage": _bool()}},
+    "Prompt": {
+        "description": "A string, strings, token ids, or lists of token ids (one request each).",
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+            {"type": "array", "minItems": 1,
+             "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID}},
+        ],
+    },
+    "CompletionRequest": {"allOf": [_ref("SamplingFields"), {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {
+            "model": {"type": "string", "nullable": True},
+            "prompt": _ref("Prompt"),
+            "logprobs": _int("Top log-probabilities per token.", minimum=0, maximum=20),
+            "echo": _bool("Prefix each choice with its prompt."),
+            "stream": _bool(),
+            "stream_options": _ref("StreamOptions"),
+        },
+    }]},
+    "ChatMessage": {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"type": "string", "description": "system, user, assistant, ..."},
+            "content": {"nullable": True, "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {
+                    "type": "object", "required": ["type"],
+                    "properties": {"type": {"type": "string", "enum": ["text"]},
+                                   "text": {"type": "string"}}}},
+            ]},
+        },
+    },
+    "ChatRequest": {"allOf": [_ref("SamplingFields"), {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {
+            "model": {"type": "string", "nullable": True},
+            "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+            "max_completion_tokens": _int("Overrides max_tokens.", minimum=1),
+            "logprobs": _bool("Return log-probabilities of the sampled tokens."),
+            "top_logprobs": _int("Needs logprobs: true.", minimum=0, maximum=20),
+            "stream": _bool(),
+            "stream_options": _ref("StreamOptions"),
+            "add_generation_prompt": _bool(),
+            "chat_template_kwargs": {"type": "object", "nullable": True,
+                                     "description": "Extra variables for the chat template."},
+        },
+    }]},
+    "TritonGenerateRequest": {"allOf": [_ref("SamplingFields"), {
+        "type": "object",
+        "required": ["text_input"],
+        "description": "Sampling fields go at the top level or under parameters (top level wins).",
+        "properties": {
+            "text_input": {"type": "string"},
+            "parameters": {"allOf": [_ref("SamplingFields")], "nullable": True,
+                           "description": "Sampling fields; stop_words is stop's alias."},
+            "stop_words": {"oneOf": [_STOP_STRING,
+                                     {"type": "array", "maxItems": 64, "items": _STOP_STRING}],
+                           "nullable": True, "description": "Alias of stop."},
+        },
+    }]},
+    # ---- responses ---------------------------------------------------------------------
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }},
+    },
+    "Usage": {"type": "object", "properties": {
+        "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"}}},
+    "Completion": {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "description": "object is text_completion or chat.completion; choices carry text "
+                       "(completions) or message (chat), logprobs and finish_reason.",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": _ref("Usage"),
+        },
+    },
+    "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"type": "string", "enum": ["list"]},
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "object": {"type": "string"},
+            "created": {"type": "integer"}, "owned_by": {"type": "string"},
+            "max_model_len": {"type": "integer"}}}}}},
+    "TritonModel": {"type": "object", "properties": {
+        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+        "platform": {"type": "string"}, "inputs": {"type": "array", "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}}}},
+    "TritonGenerateResponse": {"type": "object", "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"},
+        "text_output": {"type": "string"}}},
+}
+
+_ERRORS = {
+    "400": "Bad field, over-long prompt or invalid JSON.",
+    "401": "Missing or wrong API key (when the server runs with --api-key).",
+    "404": "Unknown model.",
+    "413": "Request body over --max-body-bytes.",
+    "503": "Waiting queue full (with Retry-After) or engine dead.",
+    "504": "Past --request-timeout; the request was aborted.",
+}
+RESPONSES: dict = {code: _json(_ref("Error"), text) for code, text in _ERRORS.items()}
+_SSE = {"text/event-stream": {"schema": {
+    "type": "string", "description": "data: <JSON chunk> events (errors in the Error shape)."}}}
+
+
+def _errors(*codes: str) -> dict:
+    return {code: {"$ref": "#/components/responses/" + code} for code in codes}
+
+
+def _generate(summary: str, request: str, response: str, stream: str) -> dict:
+    """A POST that generates: JSON body in, JSON (or SSE) out, every error status possible."""
+    ok = _json(_ref(response), "Generated text (JSON, or SSE when streamed).")
+    if stream == "optional":
+        ok["content"].update(_SSE)
+    elif stream == "always":
+        ok = {"description": "SSE: one data event per text delta.", "content": dict(_SSE)}
+    return {
+        "summary": summary,
+        "security": [{"bearerAuth": []}],
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": _ref(request)}}},
+        "responses": {"200": ok, **_errors("400", "401", "404", "413", "503", "504")},
+    }
+
+
+def _get(summary: str, ok: dict, *errors: str, secured: bool = False) -> dict:
+    op = {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}
+    if secured:
+        op["security"] = [{"bearerAuth": []}]
+    return op
+
+
+def openapi_document(served_model_name: str, version: str | None = None) -> dict:
+    if version is None:
+        from .app import VERSION as version  # lazy: app.py imports this module lazily too
+
+    model_param = {"name": "model", "in": "path", "required": True,
+                   "schema": {"type": "string"}, "example": served_model_name,
+                   "description": f"The served model's name ({served_model_name})."}
+    health = _get("200 while the engine loop runs.", {"description": "Healthy (empty body)."},
+                  "503")
+    paths = {
+        "/v1/completions": {"post": _generate("Text completion (OpenAI).", "CompletionRequest",
+                                              "Completion", "optional")},
+        "/v1/chat/completions": {"post": _generate("Chat completion (OpenAI).", "ChatRequest",
+                                                   "Completion", "optional")},
+        "/v1/models": {"get": _get("The served model.",
+                                   _json(_ref("ModelList"), "One model."), "401", secured=True)},
+        "/health": {"get": health},
+        "/metrics": {"get": _get("Prometheus metrics.", {
+            "description": "Prometheus text format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}}})},
+        "/version": {"get": _get("Server version.", _json(
+            {"type": "object", "properties": {"version": {"type": "string"}}}, "Version."))},
+        "/v2/health/ready": {"get": health},
+        "/v2/models/{model}": {
+            "parameters": [model_param],
+            "get": _get("Triton model metadata.", _json(_ref("TritonModel"), "Metadata."),
+                        "401", "404", secured=True),
+        },
+        "/v2/models/{model}/generate": {
+            "parameters": [model_param],
+            "post": _generate("Triton generate.", "TritonGenerateRequest",
+                              "TritonGenerateResponse", "never"),
+        },
+        "/v2/models/{model}/generate_stream": {
+            "parameters": [model_param],
+            "post": _generate("Triton generate, streamed (SSE of text_output deltas).",
+                              "TritonGenerateRequest", "TritonGenerateResponse", "always"),
+        },
+        "/openapi.json": {"get": _get("This document.", _json({"type": "object"}, "OpenAPI 3.0."))},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "kvserve", "version": version,
+                 "description": f"OpenAI-compatible inference server for {served_model_name}. "
+                                "Errors use OpenAI's shape; /v1/* and /v2/models* need "
+                                "'Authorization: Bearer KEY' when started with --api-key."},
+        "paths": paths,
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "responses": copy.deepcopy(RESPONSES),
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
