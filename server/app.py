@@ -40,7 +40,7 @@ class ServerSettings:
     max_body_bytes: int = 8 << 20
     body_read_timeout: float = 30.0  # seconds for a request body to arrive in full
     # Rendering a chat template and tokenizing run on a thread; past this many seconds the
-    # request gets a 400 (the thread is not interrupted: keep templates from clients off).
+    # request gets a 503 (the thread is not interrupted: keep templates from clients off).
     prepare_timeout: float = 10.0
     trust_request_chat_template: bool = False
     # If the engine loop dies: SIGTERM this process after this many seconds (so that open
@@ -177,9 +177,11 @@ class _API:
             try:
                 async with asyncio.timeout(self.settings.prepare_timeout):
                     checked.append(await job)
-            except TimeoutError as e:
-                raise P.bad_field(name, f"preparing the prompt took over "
-                                        f"{self.settings.prepare_timeout}s") from e
+            except TimeoutError as e:  # a long queue for the prep thread, or a slow template
+                raise P.APIError(503, f"preparing the prompt took over "
+                                      f"{self.settings.prepare_timeout}s; retry later",
+                                 "server_overloaded", param=name,
+                                 headers={"Retry-After": "1"}) from e
             except ValueError as e:
                 raise P.bad_field(name, str(e)) from e
         try:

@@ -334,3 +334,17 @@ def test_fatal_fault_kills_the_loop_cleanly(smol_llm, tmp_path):
             stop_server(proc)
         log.seek(0)
         assert "injected fatal fault" in log.read()
+
+
+def test_request_chat_template_only_when_trusted(smol_llm):
+    from server import protocol as P
+
+    body = {"messages": HELLO, "chat_template": "{{ messages[0]['content'] }}!"}
+    with pytest.raises(P.APIError) as err:
+        P.parse_chat(body, smol_llm.tokenizer)
+    assert err.value.status == 400 and err.value.param == "chat_template"
+    render = P.parse_chat(body, smol_llm.tokenizer, trust_request_template=True).prompts[0]
+    assert render()["prompt"] == "Hello!!"
+    long = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    with pytest.raises(P.APIError, match="max_prompt_chars"):
+        P.parse_chat(long, smol_llm.tokenizer, max_chars=4000)
