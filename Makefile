@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Nothing is fetched from a model hub at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test serve generate clean
+.PHONY: setup test test-fast serve generate clean
 
 $(BIN)/kvserve:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,13 @@ setup: $(BIN)/kvserve
 
 test: setup
 	$(BIN)/python -m pytest -x -q
+
+# The inner loop: bookkeeping, layout, stop strings, HTTP timeouts, fault isolation on a
+# tiny model (about a minute). `make test` (what CI runs) before committing.
+test-fast: setup
+	$(BIN)/python -m pytest -x -q tests/test_layout.py tests/test_block_pool.py \
+		tests/test_scheduler.py tests/test_stop_matcher.py tests/test_http_timeouts.py \
+		tests/test_isolation.py
 
 serve: setup
 	$(BIN)/kvserve serve --host 127.0.0.1 --port 8000

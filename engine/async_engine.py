@@ -17,10 +17,10 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from .config import EngineConfig
+from .core.config import EngineConfig
+from .core.sampling_params import SamplingParams
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

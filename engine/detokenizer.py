@@ -17,8 +17,8 @@ state's depth) is held back from ``stream_text``.
 """
 from __future__ import annotations
 
-from .request import Request
-from .stop_matcher import ROOT, matcher_for
+from .core.request import Request
+from .core.stop_matcher import ROOT, matcher_for
 
 _CONTEXT_TOKENS = 5  # tokens decoded before the unread ones, for correct leading spaces
 

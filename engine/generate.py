@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .core.sampling_params import SamplingParams
 from .llm import LLM
-from .sampling_params import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:

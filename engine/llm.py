@@ -5,10 +5,10 @@ import itertools
 import sys
 import time
 
-from .config import EngineConfig
+from .core.config import EngineConfig
+from .core.sampling_params import SamplingParams
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
 from .tokenizer import render_chat
 
 

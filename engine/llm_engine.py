@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import faults
-from .config import EngineConfig, resolve_model_dir
+from .core import faults
+from .core.config import EngineConfig, resolve_model_dir
+from .core.kv_cache_manager import KVCacheManager
+from .core.request import Request, RequestStatus
+from .core.sampling_params import SamplingParams
+from .core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from .detokenizer import IncrementalDetokenizer
-from .kv_cache_manager import KVCacheManager
-from .model_config import ModelConfig
-from .model_runner import ModelRunner
+from .model_executor.model_config import ModelConfig
+from .model_executor.model_runner import ModelRunner
 from .outputs import CompletionOutput, Logprob, RequestOutput
-from .request import Request, RequestStatus
-from .sampling_params import SamplingParams
-from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from .tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """CPU paged attention: ``torch.ops.kvserve.paged_decode`` (decode attention reading K/V
 straight from the block pool, instead of gathering them into padded tensors for SDPA),
 ``torch.ops.kvserve.paged_prefill`` (the same for a step's multi-token sequences, causal;
-kernels/csrc/paged_prefill.cpp, called by engine/attention.py) and
+kernels/csrc/paged_prefill.cpp, called by engine/model_executor/attention.py) and
 ``torch.ops.kvserve.store_kv`` (write new K/V rows into their slots, skipping slot -1); the
 C++ lives in kernels/csrc/paged_decode.cpp and is built by kernels/cpu_ops.py.
 """

@@ -3,10 +3,10 @@
 
 - ``paged_decode``, ``paged_prefill``, ``store_kv``: paged attention over the block pool
   (kernels/cpu_attention.py);
-- ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/quant.py);
-- ``argmax_rows``: greedy sampling's per-row argmax (engine/sampler.py);
+- ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/model_executor/quant.py);
+- ``argmax_rows``: greedy sampling's per-row argmax (engine/model_executor/sampler.py);
 - ``silu_mul``, ``add_rms_norm``, ``rotary_``: fused elementwise steps of quantized models
-  (engine/models/llama.py).
+  (engine/model_executor/models/llama.py).
 
 Real torch ops rather than pybind functions so torch.compile'd decode steps call them
 without leaving the compiled graph. If the build fails (no compiler), ``available()`` is

@@ -20,8 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.async_engine import (AsyncLLMEngine, EngineDeadError, QueueFullError,
-                                 RequestFailedError)
+from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
 
 from . import protocol as P
 from .metrics import Metrics

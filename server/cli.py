@@ -80,7 +80,7 @@ def serve_parser() -> argparse.ArgumentParser:
 def merge_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
                    extra_keys: tuple[str, ...]) -> tuple[dict, dict]:
     """(engine kwargs, other settings): TOML config first, then flags given explicitly."""
-    from engine.config import EngineConfig
+    from engine.core.config import EngineConfig
 
     merged: dict = {}
     if args.config:
@@ -108,7 +108,7 @@ def serve(argv: list[str]) -> int:
     import uvicorn
 
     from engine.async_engine import AsyncLLMEngine
-    from engine.config import EngineConfig
+    from engine.core.config import EngineConfig
 
     from .app import ServerSettings, build_app
 

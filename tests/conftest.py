@@ -62,7 +62,7 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol_path():
-    from engine.config import default_model_path
+    from engine.core.config import default_model_path
 
     return default_model_path()
 

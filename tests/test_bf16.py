@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.request import Request, RequestStatus
+from engine.core.request import Request, RequestStatus
 
 TEXT = ("The paged KV cache splits every sequence into fixed-size blocks. A block table maps "
         "each sequence's logical blocks to physical blocks in one preallocated pool, so memory "

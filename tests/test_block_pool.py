@@ -1,13 +1,13 @@
-"""Exact bookkeeping of engine/block_pool.py and engine/kv_cache_manager.py (no torch)."""
+"""Exact bookkeeping of engine/core/block_pool.py and engine/core/kv_cache_manager.py (no torch)."""
 from __future__ import annotations
 
 import pytest
 
-import engine.kv_cache_manager as kvm
-from engine.block_pool import BlockPool
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+import engine.core.kv_cache_manager as kvm
+from engine.core.block_pool import BlockPool
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
 
 BS = 16
 

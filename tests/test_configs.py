@@ -36,7 +36,7 @@ def test_flags_override_the_config():
 
 
 def test_cpu_engines_keep_freed_memory(smol_llm):
-    """glibc's malloc is told to keep freed blocks (engine/malloc_tuning.py) once a CPU engine
+    """glibc's malloc is told to keep freed blocks (engine/model_executor/malloc_tuning.py) once a CPU engine
     exists: without it each large step re-faults and re-zeroes its pages (~30% of a prefill)."""
     import ctypes
     import platform

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, CpuAttentionBackend, TorchAttentionBackend
+from engine.model_executor.attention import AttentionMetadata, CpuAttentionBackend, TorchAttentionBackend
 from kernels import cpu_attention, cpu_ops, reference
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ toolchain")

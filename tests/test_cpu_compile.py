@@ -1,4 +1,4 @@
-"""cpu_compile=True: decode steps through torch.compile (engine/cpu_compile.py), against
+"""cpu_compile=True: decode steps through torch.compile (engine/model_executor/cpu_compile.py), against
 transformers (fp32: token for token) and against the eager engine (int4), across every
 batch-size range that has its own graph, with arrivals mid-decode and preemption."""
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_cpu_compile_max_batch_runs_larger_steps_eagerly(tiny_models):
 
 
 def test_cpu_compile_max_batch_is_validated():
-    from engine.config import EngineConfig
+    from engine.core.config import EngineConfig
 
     with pytest.raises(ValueError, match="cpu_compile_max_batch must be >= 1"):
         EngineConfig(cpu_compile=True, cpu_compile_max_batch=0)

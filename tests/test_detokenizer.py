@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.stop_matcher import matcher_for
+from engine.core.request import Request
+from engine.core.sampling_params import SamplingParams
+from engine.core.stop_matcher import matcher_for
 
 TEXTS = ["Hello wörld — naïve café 🎉🚀 done", "日本語のテキストと中文字符，还有한국어", "👩‍👩‍👧 family 🇫🇷 flag"]
 

@@ -1,12 +1,12 @@
 """The fused elementwise C++ ops of quantized CPU models (kernels/csrc/fused_elementwise.cpp)
-against the aten forms they replace in engine/models/llama.py."""
+against the aten forms they replace in engine/model_executor/models/llama.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.llama import apply_rotary
+from engine.model_executor.models.llama import apply_rotary
 from kernels import cpu_ops
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C++ toolchain")

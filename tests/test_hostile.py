@@ -17,7 +17,6 @@ import time
 
 import httpx
 import pytest
-
 from test_server import free_port, metric
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from conftest import assert_no_leak
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine import faults
+
+from engine import EngineConfig, LLMEngine, SamplingParams, faults
 from engine.async_engine import AsyncLLMEngine, RequestStream
+from engine.core.request import Request
+from engine.core.scheduler import WaitingQueue
 from engine.outputs import RequestOutput
-from engine.request import Request
-from engine.scheduler import WaitingQueue
 
 FAULTY_SEED = 777001
 FATAL_SEED = 777002

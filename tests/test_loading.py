@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_no_leak, build_tiny_model, hf_greedy
 from engine import LLM, SamplingParams
-from engine.config import resolve_model_dir
+from engine.core.config import resolve_model_dir
 
 
 def test_sharded_safetensors_with_index(tmp_path):

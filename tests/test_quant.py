@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.loader import load_model
-from engine.quant import (Int4Linear, Int8Linear, pack_w8a8, quantize_int4, quantize_w8a8,
-                          w8a8_linear_torch)
+from engine.model_executor.loader import load_model
+from engine.model_executor.quant import (Int4Linear, Int8Linear, pack_w8a8, quantize_int4,
+                                         quantize_w8a8, w8a8_linear_torch)
 from kernels import cpu_ops
 from test_bf16 import TEXT, teacher_forced_logits
 
@@ -119,7 +119,7 @@ def test_w8a8_op_matches_torch_reference(rows, k, n, num_outliers, with_bias, dy
 
 
 def test_int8_accuracy_against_fp32(smol_llm):
-    """Teacher-forced on varied text: int8 activations cost about what bf16 does (engine/quant.py
+    """Teacher-forced on varied text: int8 activations cost about what bf16 does (engine/model_executor/quant.py
     has the measurements: 98.4% top-1, KL 0.0018 on this text)."""
     ref_llm = LLM(dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=1024)
     ids = ref_llm.tokenizer.encode(VARIED * 3)[:320]
@@ -141,8 +141,8 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
     With every input channel kept as a fixed fp32 "outlier" the layers compute exactly x W^T, so
     the logits must equal transformers' (this checks the wiring); with the real setting the
     random tiny models (no outlier structure, activations ~10) still agree on >= 85%."""
-    import engine.model_runner
-    import engine.quant
+    import engine.model_executor.model_runner
+    import engine.model_executor.quant
     from test_parity_tiny import tiny_llm
 
     hf = tiny_models(arch)[1]
@@ -150,10 +150,10 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0].float()
     agree = {}
-    real = (engine.quant.INT8_OUTLIERS, engine.quant.INT8_DYNAMIC_OUTLIERS)
+    real = (engine.model_executor.quant.INT8_OUTLIERS, engine.model_executor.quant.INT8_DYNAMIC_OUTLIERS)
     for outliers, dynamic in ((10 ** 6, {}), real):
-        monkeypatch.setattr(engine.quant, "INT8_OUTLIERS", outliers)
-        monkeypatch.setattr(engine.model_runner, "INT8_DYNAMIC_OUTLIERS", dynamic)
+        monkeypatch.setattr(engine.model_executor.quant, "INT8_OUTLIERS", outliers)
+        monkeypatch.setattr(engine.model_executor.model_runner, "INT8_DYNAMIC_OUTLIERS", dynamic)
         llm = tiny_llm(tiny_models, arch, quantization="int8", enable_prefix_caching=False)
         modules = list(llm.engine.runner.model.modules())
         assert any(type(m).__name__ == "W8A8Linear" for m in modules)
@@ -163,13 +163,13 @@ def test_int8_wires_every_architecture(tiny_models, arch, monkeypatch):
         agree[outliers] = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
         if outliers == 10 ** 6:
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
-    assert agree[10 ** 6] == 1.0 and agree[engine.quant.INT8_OUTLIERS] >= 0.85, agree
+    assert agree[10 ** 6] == 1.0 and agree[engine.model_executor.quant.INT8_OUTLIERS] >= 0.85, agree
 
 
 def test_int4_plus_int8_picks_the_kernel_by_rows(tiny_models):
     """int4 up to int4_max_rows rows, the int8 x int8 layer above (down_proj's with per-row
     outliers); lm_head is int8 x int8 at every size."""
-    from engine.quant import W8A8Linear
+    from engine.model_executor.quant import W8A8Linear
     from test_parity_tiny import tiny_llm
 
     llm = tiny_llm(tiny_models, "llama", quantization="int4+int8", int4_max_rows=4)

@@ -138,8 +138,8 @@ def test_draws_follow_the_filtered_distribution():
     softmax(logits / T) renormalized over what top-k / top-p keep; filtered tokens never come."""
     import torch
 
-    from engine.request import Request
-    from engine.sampler import Sampler
+    from engine.core.request import Request
+    from engine.model_executor.sampler import Sampler
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
     cases = [(SamplingParams(temperature=1.0), [0, 1, 2, 3, 4, 5]),

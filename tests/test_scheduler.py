@@ -1,14 +1,14 @@
-"""Exact step-by-step behaviour of engine/scheduler.py and engine/request.py (no torch)."""
+"""Exact step-by-step behaviour of engine/core/scheduler.py and engine/core/request.py (no torch)."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import Request, RequestStatus
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
 
 TOKEN = 7  # every sampled token, unless a test says otherwise
 

@@ -18,7 +18,7 @@ CHATS = [
 
 
 def test_gguf_weights_match_transformers(smol_llm, hf_smol):
-    from engine.loader import load_model
+    from engine.model_executor.loader import load_model
 
     engine = smol_llm.engine  # the loader's own output, before CPU weight packing
     ours = load_model(engine.model_dir, engine.model_config, torch.float32, torch.device("cpu"))

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from engine.sampling_params import SamplingParams
-from engine.stop_matcher import ROOT, StopMatcher, matcher_for
+from engine.core.sampling_params import SamplingParams
+from engine.core.stop_matcher import ROOT, StopMatcher, matcher_for
 
 
 def ref_match(stops, text):

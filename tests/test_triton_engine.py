@@ -21,7 +21,7 @@ if not ON_CUDA:
 
 from conftest import TINY_VOCAB, assert_no_leak, hf_greedy  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
+from engine.core.config import EngineConfig  # noqa: E402
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA device")

@@ -1,4 +1,8 @@
-"""EngineConfig: every engine knob in one validated dataclass."""
+"""EngineConfig: every engine knob in one validated dataclass.
+
+Part of the tensor-free bookkeeping: importing it does not import torch. The properties that
+answer in torch terms (device, dtype) and the bf16 speed probe import it when called.
+"""
 from __future__ import annotations
 
 import functools
@@ -6,13 +10,15 @@ import importlib.util
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ATTENTION_BACKENDS = ("cpu", "torch", "triton")  # engine.attention.BACKENDS
-QUANTIZATIONS = (None, "int4", "int8", "int4+int8")  # CPU only; see engine/quant.py
+ATTENTION_BACKENDS = ("cpu", "torch", "triton")  # engine.model_executor.attention.BACKENDS
+QUANTIZATIONS = (None, "int4", "int8", "int4+int8")  # CPU only; see engine/model_executor/quant.py
 
 
 @dataclass
@@ -38,11 +44,12 @@ class EngineConfig:
     # lm_head included, every step (CPU, float32 otherwise).
     # "int4+int8": int4 for steps of at most int4_max_rows tokens, int8 above (prefill and
     # large batches: compute-bound, where int8's GEMM is fastest). None: dense weights.
-    # Neither is fp32-exact; see engine/quant.py for their accuracy on the default model.
+    # Neither is fp32-exact; see engine/model_executor/quant.py for their accuracy on the
+    # default model.
     quantization: str | None = None
     int4_max_rows: int = 8
-    # CPU: torch.compile the decode-only steps (engine/cpu_compile.py). Graphs compile at
-    # start-up: ~30-40 s each on 2 cores the first time, a few seconds once cached on disk.
+    # CPU: torch.compile the decode-only steps (engine/model_executor/cpu_compile.py). Graphs
+    # compile at start-up: ~30-40 s each on 2 cores the first time, a few seconds once cached.
     cpu_compile: bool = False
     # With cpu_compile: decode steps of more sequences than this run eagerly (None = none
     # do). Steps of int8 layers gain nothing from compiling: they are already a few C++ ops
@@ -88,7 +95,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(DTYPES)}; "
                              f"got {self.kv_cache_dtype!r}.")
         if (self.kv_cache_dtype != "auto" and self.torch_device.type != "cpu"
-                and DTYPES[self.kv_cache_dtype] != self.torch_dtype):
+                and _torch_dtype(self.kv_cache_dtype) != self.torch_dtype):
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} differs from the model "
                              f"dtype ({self.torch_dtype}); a separate KV dtype is implemented "
                              f"for CPU only (the Triton kernels read the activation dtype).")
@@ -110,32 +117,42 @@ class EngineConfig:
                 "Use attention_backend='cpu' or 'torch' on CPU.")
 
     @property
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
         """auto: bfloat16 on CUDA; on CPU only where bf16 matmuls really run faster than fp32
         (native AVX512-BF16/AMX and measured >= 1.5x at start-up), else float32."""
         if self.dtype == "auto":
             if "int8" in (self.quantization or ""):
-                return torch.float32
+                return _torch_dtype("float32")
             if self.torch_device.type == "cuda" or cpu_bf16_is_faster():
-                return torch.bfloat16
-            return torch.float32
-        return DTYPES[self.dtype]
+                return _torch_dtype("bfloat16")
+            return _torch_dtype("float32")
+        return _torch_dtype(self.dtype)
 
     @property
-    def kv_torch_dtype(self) -> torch.dtype:
-        return self.torch_dtype if self.kv_cache_dtype == "auto" else DTYPES[self.kv_cache_dtype]
+    def kv_torch_dtype(self) -> "torch.dtype":
+        if self.kv_cache_dtype == "auto":
+            return self.torch_dtype
+        return _torch_dtype(self.kv_cache_dtype)
 
     @property
     def backend_name(self) -> str:
         if self.attention_backend is not None:
             return self.attention_backend
         return "triton" if self.torch_device.type == "cuda" else "cpu"
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, name)
 
 
 @functools.cache
@@ -151,6 +168,8 @@ def cpu_bf16_is_faster(margin: float = 1.5) -> bool:
         return False
     if "avx512_bf16" not in flags and "amx_bf16" not in flags:
         return False
+    import torch
+
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, w = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
@@ -180,7 +199,7 @@ def default_model_path() -> str:
 
 def resolve_model_dir(model: str | None) -> str:
     """A local HF-style directory for ``model`` (GGUF files are converted once and cached)."""
-    from .gguf_loader import converted_dir
+    from ..model_executor.gguf_loader import converted_dir
 
     path = default_model_path() if model is None else os.path.expanduser(model)
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):

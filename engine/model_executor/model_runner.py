@@ -13,21 +13,27 @@ import logging
 import torch
 from torch import nn
 
+from ..core.config import EngineConfig
+from ..core.kv_cache_manager import KVCacheManager
+from ..core.request import Request
+from ..core.scheduler import SchedulerOutput
 from .attention import AttentionMetadata, get_backend
 from .calibration import input_absmax
-from .config import EngineConfig
 from .cpu_compile import CompiledDecode
 from .cpu_linear import pack_linears
-from .quant import (INT8_DYNAMIC_OUTLIERS, LM_HEAD_INT8_MAX_ROWS, Int4Linear, Int8Linear,
-                    W8A8Linear, supports_int4)
-from .kv_cache_manager import KVCacheManager
 from .loader import load_model
 from .malloc_tuning import keep_freed_memory
 from .model_config import ModelConfig
 from .models.llama import use_fused_cpu_ops
-from .request import Request
+from .quant import (
+    INT8_DYNAMIC_OUTLIERS,
+    LM_HEAD_INT8_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    W8A8Linear,
+    supports_int4,
+)
 from .sampler import Sampler, SamplerOutput
-from .scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +82,13 @@ class ModelRunner:
         int8 = self._w8a8_layers() if "int8" in quant else {}
         if "int4" in quant:
             rows = self.config.int4_max_rows
-            for parent in list(self.model.model.modules()):  # not lm_head: see engine/quant.py
+            for parent in list(self.model.model.modules()):  # not lm_head: see engine/model_executor/quant.py
                 for name, child in list(parent.named_children()):
                     if isinstance(child, nn.Linear) and supports_int4(child.weight):
                         large = int8.pop((parent, name), None)
                         setattr(parent, name, Int4Linear(child.weight, child.bias, rows, hint,
                                                          dense=large))
-            # int8 lm_head (see engine/quant.py): the W8A8 one if there is one (~2x faster
+            # int8 lm_head (see engine/model_executor/quant.py): the W8A8 one if there is one (~2x faster
             # than weight-only int8 at every row count), else weight-only int8 for a few rows.
             if (self.model, "lm_head") not in int8:
                 self.model.lm_head = Int8Linear(self.model.lm_head.weight,
@@ -131,7 +137,7 @@ class ModelRunner:
             logger.warning("cpu_compile needs the C++ CPU attention ops (backend 'cpu'); "
                            "running eagerly.")
             return
-        # One graph per batch-size range the model branches on (see engine/cpu_compile.py).
+        # One graph per batch-size range the model branches on (see engine/model_executor/cpu_compile.py).
         largest = min(self.config.max_num_seqs, self.config.cpu_compile_max_batch or 1 << 30)
         sizes = {1, min(2, largest)}
         if "int4" in (self.config.quantization or "") and self.config.int4_max_rows < largest:

@@ -1,7 +1,7 @@
 """Activation statistics for quantization, measured by running the model once.
 
 ``quantization="int8"`` keeps the few input channels of each layer that carry outsized
-activations in fp32 (engine/quant.py); which channels those are is a property of the
+activations in fp32 (engine/model_executor/quant.py); which channels those are is a property of the
 weights (the same channels stand out for any input), so a fixed sequence of random token
 ids finds them: on SmolLM2 they give the same accuracy as natural text did (98.5% vs 98.8%
 teacher-forced top-1 agreement with fp32, within one token of noise).

@@ -107,7 +107,7 @@ def supports_int4(weight: torch.Tensor) -> bool:
 #   ... and down_proj int8, 8 per-row outliers      98.4% / 0.0018   <- this
 # Outliers are input channels kept out of the int8 product (their scale would crush the rest)
 # and added in fp32. Post-norm inputs (qkv, gate_up, lm_head) and o_proj's have fixed ones,
-# found once by calibration (engine/calibration.py). down_proj's input, SiLU(gate) * up, has
+# found once by calibration (engine/model_executor/calibration.py). down_proj's input, SiLU(gate) * up, has
 # spikes that move from token to token: a fixed set misses them (0.0036 KL for down_proj alone,
 # 0.0015 with a 64-wide Hadamard rotation of its input), so each row's 8 largest entries are
 # taken out instead (0.0008).

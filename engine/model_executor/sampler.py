@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import faults
-from .request import Request
+from ..core import faults
+from ..core.request import Request
 
 
 @dataclass
