@@ -9,7 +9,8 @@ import sys
 import tomllib
 
 USAGE = """usage: kvserve serve [--model PATH] [--host H] [--port P] [options]   (serve -h for all)
-       kvserve generate PROMPT [PROMPT ...] [options]                (generate -h for all)"""
+       kvserve generate PROMPT [PROMPT ...] [options]                (generate -h for all)
+       kvserve info [--json]      CPU features, auto dtype, C++ ops, versions"""
 
 SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requests",
                "request_timeout", "max_body_bytes", "log_level", "body_read_timeout",
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "generate":
         from .batch import main as batch_main
         return batch_main(rest)
+    if command == "info":
+        from .info import main as info_main
+        return info_main(rest)
     print(f"kvserve: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 
