@@ -18,8 +18,27 @@ SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requ
                "engine_death_grace")
 
 
+PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")  # configs/ links here
+
+
+def presets() -> list[str]:
+    """Names of the presets shipped inside the package (``--config NAME``)."""
+    return sorted(f[:-5] for f in os.listdir(PRESETS_DIR) if f.endswith(".toml"))
+
+
+def config_path(name_or_path: str) -> str:
+    """A preset's file for its name (``cpu-lowlatency``), else the path as given."""
+    if os.sep not in name_or_path and not name_or_path.endswith(".toml"):
+        if name_or_path not in presets():
+            raise SystemExit(f"kvserve: no preset {name_or_path!r}; presets: "
+                             f"{', '.join(presets())} (or pass a .toml path)")
+        return os.path.join(PRESETS_DIR, name_or_path + ".toml")
+    return name_or_path
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file of defaults (see configs/); flags override it")
+    p.add_argument("--config", help=f"a preset by name ({', '.join(presets())}) or a TOML "
+                                    f"file of defaults; flags override it")
     p.add_argument("--model", help="HF directory or .gguf file (default: bundled SmolLM2)")
     p.add_argument("--dtype")
     p.add_argument("--block-size", type=int)
@@ -85,7 +104,7 @@ def merge_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
     merged: dict = {}
     if args.config:
-        with open(args.config, "rb") as f:
+        with open(config_path(args.config), "rb") as f:
             merged.update(tomllib.load(f))
     defaults = vars(parser.parse_args([]))
     for key, value in vars(args).items():
