@@ -1,4 +1,8 @@
-"""``kvserve generate``: offline batch jobs, OpenAI Batch API lines in and out.
+"""``kvserve generate``: offline generation and batch jobs.
+
+Prompts on the command line (no ``--input``/``--output``): the completions are printed as
+plain text, the first prompt's streamed as it is generated (``--format jsonl`` for the
+batch lines instead). Batch jobs, OpenAI Batch API lines in and out:
 
 Input: prompts on the command line, a text file (one prompt per line) or JSONL. A JSONL line is
 either an OpenAI batch request ``{"custom_id", "method": "POST", "url": "/v1/chat/completions" |
@@ -53,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", help="text or JSONL file of requests; - for stdin")
     p.add_argument("-o", "--output", default="-", help="JSONL results; - for stdout (default)")
     p.add_argument("--resume", action="store_true", help="skip custom_ids already in --output")
+    p.add_argument("--format", choices=["text", "jsonl"],
+                   help="stdout: plain text (default for prompts on the command line) or "
+                        "OpenAI batch lines (default with --input / --output)")
     p.add_argument("--raw", action="store_true",
                    help="send plain prompts as completions (default: chat template)")
     p.add_argument("--no-progress", action="store_true")
@@ -236,6 +243,57 @@ class BatchRunner:
             self.progress.set_postfix_str(f"{rate:.1f} tok/s")
 
 
+def _text_mode(args) -> bool:
+    if args.format is not None:
+        return args.format == "text"
+    return args.input is None and args.output == "-" and not args.resume
+
+
+class TextPrinter:
+    """Plain text on stdout, in prompt order: each prompt's completions as they are
+    generated (all prompts run together; a prompt's text is printed once the ones before it
+    are done, what it has so far at once, then the rest live). n > 1: one after another."""
+
+    def __init__(self, engine: LLMEngine, defaults: dict, out) -> None:
+        self.engine, self.defaults, self.out = engine, defaults, out
+
+    def run(self, items: list[Item]) -> int:
+        ids = []
+        try:
+            for i, item in enumerate(items):
+                body = {**self.defaults, **item.body}
+                req = (P.parse_chat(body, self.engine.tokenizer) if item.url == CHAT
+                       else P.parse_completion(body))
+                prompt = req.prompts[0]
+                self.engine.add_request(f"gen-{i}", prompt() if callable(prompt) else prompt,
+                                        req.params)
+                ids.append(f"gen-{i}")
+        except (P.APIError, ValueError) as e:
+            self.engine.abort_request(ids)
+            print(f"kvserve generate: {e}", file=sys.stderr)
+            return 2
+        latest: dict = {}
+        shown, current = 0, 0  # characters of ids[current] printed so far
+        while current < len(ids) and self.engine.has_unfinished_requests() | bool(latest):
+            for out in self.engine.step():
+                latest[out.request_id] = out
+            while current < len(ids) and ids[current] in latest:
+                out = latest[ids[current]]
+                texts = [c.text for c in out.outputs]
+                text = "\n\n".join(texts) if len(texts) > 1 else texts[0]
+                if len(texts) == 1 or out.finished:
+                    self.out.write(text[shown:])
+                    self.out.flush()
+                    shown = len(text)
+                if not out.finished:
+                    break
+                if out.error is not None:
+                    print(f"kvserve: {ids[current]} failed: {out.error}", file=sys.stderr)
+                self.out.write("\n")
+                current, shown = current + 1, 0
+        return 0
+
+
 def _count_lines(args) -> int | None:
     if args.input in (None, "-"):
         return len(args.prompts) if args.input is None else None
@@ -253,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         engine_kwargs["seed"] = args.seed
     defaults = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     engine = LLMEngine(EngineConfig(**engine_kwargs))
+    if _text_mode(args):
+        return TextPrinter(engine, defaults, sys.stdout).run(list(read_items(args)))
     writer = Writer(args.output, args.resume)
     progress = None
     if not args.no_progress:

@@ -85,3 +85,23 @@ def test_cli_stdout_is_clean_jsonl(smol_llm, tmp_path):
     assert [r["custom_id"] for r in lines] == ["line-0", "line-1"]
     assert all(r["response"]["status_code"] == 200 for r in lines)
     assert "Batch" in proc.stderr and "tok/s" in proc.stderr  # the progress bar
+
+
+def test_cli_prompts_print_plain_text(smol_llm):
+    prompts = ["Name a color.", "Name a fruit."]
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "generate", *prompts,
+                           "--max-tokens", "8", "--temperature", "0", "--dtype", "float32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = [smol_llm.chat([{"role": "user", "content": p}],
+                              SamplingParams(temperature=0.0, max_tokens=8),
+                              use_tqdm=False)[0].outputs[0].text for p in prompts]
+    assert proc.stdout == "".join(t + "\n" for t in expected)
+    jsonl = subprocess.run([sys.executable, "-m", "server.cli", "generate", prompts[0],
+                            "--max-tokens", "8", "--temperature", "0", "--format", "jsonl",
+                            "--no-progress", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    line = json.loads(jsonl.stdout)
+    assert line["response"]["body"]["choices"][0]["message"]["content"] == expected[0]
+    bad = subprocess.run([sys.executable, "-m", "server.cli", "generate", "hi", "--n", "500"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "n must be" in bad.stderr
