@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import os
+import pathlib
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
@@ -28,6 +29,7 @@ from .shaping import ChatShaper, CompletionShaper
 from .streams import ChoiceState, merge
 
 logger = logging.getLogger("kvserve.server")
+_PLAYGROUND = pathlib.Path(__file__).parent / "static" / "playground.html"
 VERSION = "0.1.0"
 
 
@@ -73,6 +75,7 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
         Route("/v2/models/{model}/generate", api.triton_generate, methods=["POST"]),
         Route("/v2/models/{model}/generate_stream", api.triton_generate_stream, methods=["POST"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/", api.playground, methods=["GET"]),
     ]
     handlers = {HTTPException: _http_error, Exception: _internal_error}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
@@ -306,6 +309,10 @@ class _API:
 
     async def metrics_endpoint(self, request: Request):
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def playground(self, request: Request):
+        """The chat page (server/static/playground.html): it calls the API like any client."""
+        return HTMLResponse(_PLAYGROUND.read_text(encoding="utf-8"))
 
     async def openapi(self, request: Request):
         from .openapi import openapi_document

@@ -70,3 +70,4 @@ def test_cpu_op_sources_are_installed(installed):
     repo_sources = {p.name for p in (REPO / "kernels" / "csrc").iterdir()}
     assert {p.name for p in (installed / "kernels" / "csrc").iterdir()} >= repo_sources
     assert (installed / "server" / "presets" / "cpu-small.toml").exists()
+    assert (installed / "server" / "static" / "playground.html").exists()
