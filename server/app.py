@@ -12,6 +12,7 @@ import os
 import pathlib
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sse_starlette.sse import EventSourceResponse
@@ -44,9 +45,12 @@ class ServerSettings:
     # request gets a 503 (the thread is not interrupted: keep templates from clients off).
     prepare_timeout: float = 10.0
     trust_request_chat_template: bool = False
-    # If the engine loop dies: SIGTERM this process after this many seconds (so that open
+    # If the engine loop dies: stop the server after this many seconds (so that open
     # streams get their error event first) and let a supervisor restart it. None: stay up.
     exit_on_engine_death_after: float | None = None
+    # How to stop it (set by `kvserve serve` to end uvicorn's loop, so that the process then
+    # exits with status 1); None: SIGTERM to this process.
+    request_shutdown: Callable[[], None] | None = None
 
 
 def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlette:
@@ -56,7 +60,7 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
     async def lifespan(app):
         async_engine.start()
         if settings.exit_on_engine_death_after is not None:
-            async_engine.on_dead.append(lambda e: _exit_later(settings.exit_on_engine_death_after))
+            async_engine.on_dead.append(lambda e: _exit_later(settings))
         try:
             yield
         finally:
@@ -81,9 +85,11 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
-def _exit_later(grace: float) -> None:
-    logger.error("engine loop died: stopping the server in %.1f s (exit status 1)", grace)
-    asyncio.get_running_loop().call_later(grace, os.kill, os.getpid(), signal.SIGTERM)
+def _exit_later(settings: ServerSettings) -> None:
+    grace = settings.exit_on_engine_death_after
+    logger.error("engine loop died: stopping the server in %.1f s", grace)
+    stop = settings.request_shutdown or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+    asyncio.get_running_loop().call_later(grace, stop)
 
 
 def error_response(err: P.APIError) -> JSONResponse:

@@ -148,9 +148,12 @@ def serve(argv: list[str]) -> int:
         exit_on_engine_death_after=(srv.get("engine_death_grace", 2.0)
                                     if srv.get("exit_on_engine_death", True) else None))
     app = build_app(async_engine, settings)
-    uvicorn.run(app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
-                log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5,
-                **_http_protocol(srv.get("header_read_timeout", 10.0)))
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
+        log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5,
+        **_http_protocol(srv.get("header_read_timeout", 10.0))))
+    settings.request_shutdown = lambda: setattr(server, "should_exit", True)
+    server.run()
     if async_engine.dead_error is not None:
         logging.getLogger("kvserve.server").error("exiting with status 1: the engine loop died")
         return 1
