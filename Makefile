@@ -21,12 +21,12 @@ setup: $(BIN)/kvserve
 test: setup
 	$(BIN)/python -m pytest -x -q
 
-# The inner loop: bookkeeping, layout, stop strings, HTTP timeouts, fault isolation on a
-# tiny model (about a minute). `make test` (what CI runs) before committing.
+# The inner loop: bookkeeping, layout, stop strings, HTTP timeouts, KServe v2 tensors, fault
+# isolation on a tiny model (about a minute). `make test` (what CI runs) before committing.
 test-fast: setup
 	$(BIN)/python -m pytest -x -q tests/test_layout.py tests/test_block_pool.py \
 		tests/test_scheduler.py tests/test_stop_matcher.py tests/test_http_timeouts.py \
-		tests/test_isolation.py
+		tests/test_isolation.py tests/test_kserve_codec.py
 
 serve: setup
 	$(BIN)/kvserve serve --host 127.0.0.1 --port 8000

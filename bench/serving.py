@@ -6,7 +6,14 @@ either all at once, with Poisson arrivals (``--request-rate``), under a concurre
 (``--max-concurrency``), or both (as vLLM's benchmark_serving does), and reports TTFT, TPOT,
 ITL, end-to-end latency and throughput as JSON (stdout, and ``--output FILE``).
 
-Only needs httpx (plus transformers when ``--tokenizer`` is given). Examples::
+``--backend triton-grpc`` sends the same workload over KServe v2 gRPC instead (one
+decoupled ``ModelStreamInfer`` stream per request, ``stream`` true: TTFT/TPOT/ITL as for
+SSE); ``--backend triton-http`` over KServe v2 HTTP ``infer`` (unary: one response, so
+TTFT = e2e and there is no TPOT). Both use the stock ``tritonclient`` and the vLLM
+backend's tensors; ``--base-url`` is then ``host:port`` of the gRPC or HTTP listener.
+
+Only needs httpx (plus transformers when ``--tokenizer`` is given, tritonclient for the
+triton backends). Examples::
 
     python bench/serving.py --base-url http://127.0.0.1:8000 --model SmolLM2-135M-Instruct \\
         --num-prompts 32 --max-concurrency 8 --random-input-len 128 --random-output-len 64 \\
@@ -305,6 +312,123 @@ async def send_request(client: httpx.AsyncClient, url: str, headers: dict, paylo
     return res
 
 
+def triton_inputs(module, args, spec: RequestSpec, stream: bool) -> list:
+    """The vLLM backend's tensors: the prompt, sampling parameters as JSON, flags."""
+    import numpy as np
+
+    params = {"max_tokens": spec.output_len, "temperature": args.temperature}
+    if args.ignore_eos:
+        params["ignore_eos"] = True
+    if args.extra_body:
+        params.update(json.loads(args.extra_body))
+    values = [("text_input", "BYTES", spec.prompt.encode()),
+              ("sampling_parameters", "BYTES", json.dumps(params).encode()),
+              ("stream", "BOOL", stream), ("exclude_input_in_output", "BOOL", True),
+              ("return_num_input_tokens", "BOOL", True),
+              ("return_num_output_tokens", "BOOL", True)]
+    tensors = []
+    for name, dtype, value in values:
+        t = module.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(np.array([value], dtype=np.object_ if dtype == "BYTES" else bool))
+        tensors.append(t)
+    return tensors
+
+
+async def send_triton_grpc(client, args, spec: RequestSpec, t0: float, rid: str) -> RequestResult:
+    """One request on its own decoupled gRPC stream; a response per new piece of text."""
+    import tritonclient.grpc as grpcclient
+
+    res = RequestResult(prompt_len=spec.prompt_len)
+    st = time.perf_counter()
+    res.start = st - t0
+    last = st
+    request = {"model_name": args.model, "inputs": triton_inputs(grpcclient, args, spec, True),
+               "request_id": rid}
+
+    async def one_request():
+        yield request
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    try:
+        responses = client.stream_infer(one_request(), headers=headers)
+        if asyncio.iscoroutine(responses):
+            responses = await responses
+        async for result, error in responses:
+            if error is not None:
+                res.error = f"stream error: {error}"
+                return res
+            resp = result.get_response()
+            if resp.outputs:
+                new = int(result.as_numpy("num_output_tokens")[0])
+                res.prompt_len = int(result.as_numpy("num_input_tokens")[0])
+                if new and result.as_numpy("text_output")[0]:
+                    now = time.perf_counter()
+                    if res.chunks == 0:
+                        res.ttft = now - st
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    res.chunks += 1
+                res.output_tokens += new
+            if resp.parameters["triton_final_response"].bool_param:
+                break
+        res.e2e = time.perf_counter() - st
+        res.output_tokens_from_usage = True
+        res.success = res.chunks > 0
+        if not res.success:
+            res.error = "stream ended without any content"
+    except asyncio.CancelledError:
+        res.error = "cancelled"
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure is a failed request, not a crash
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+async def send_triton_http(client, args, spec: RequestSpec, t0: float, rid: str) -> RequestResult:
+    """One unary KServe v2 HTTP infer: the whole text in one response (TTFT = e2e)."""
+    import tritonclient.http as httpclient
+
+    res = RequestResult(prompt_len=spec.prompt_len)
+    st = time.perf_counter()
+    res.start = st - t0
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    try:
+        result = await client.infer(args.model, triton_inputs(httpclient, args, spec, False),
+                                    request_id=rid, headers=headers)
+        res.e2e = res.ttft = time.perf_counter() - st
+        res.output_tokens = int(result.as_numpy("num_output_tokens")[0])
+        res.prompt_len = int(result.as_numpy("num_input_tokens")[0])
+        res.output_tokens_from_usage, res.chunks, res.success = True, 1, True
+    except asyncio.CancelledError:
+        res.error = "cancelled"
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure is a failed request, not a crash
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+def triton_sender(args):
+    """(send(spec, t0) -> RequestResult, close()) for a triton backend."""
+    counter = iter(range(1 << 62))
+    if args.backend == "triton-grpc":
+        import tritonclient.grpc.aio as grpcaio
+
+        client = grpcaio.InferenceServerClient(url=_host_port(args.base_url))
+        send = send_triton_grpc
+    else:
+        import tritonclient.http.aio as httpaio
+
+        client = httpaio.InferenceServerClient(url=_host_port(args.base_url),
+                                               conn_limit=max(args.max_concurrency or 0, 100),
+                                               conn_timeout=args.timeout)
+        send = send_triton_http
+    return (lambda spec, t0: send(client, args, spec, t0, f"bench-{next(counter)}")), client.close
+
+
+def _host_port(base_url: str) -> str:
+    return re.sub(r"^[a-z]+://", "", base_url).rstrip("/")
+
+
 # ---------------------------------------------------------------------------------------------
 # Benchmark
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +462,7 @@ def summarize(args, results: list[RequestResult], duration: float, interrupted: 
     summary = {
         "settings": {
             "base_url": args.base_url, "endpoint": args.endpoint, "model": args.model,
+            "backend": getattr(args, "backend", "openai"),
             "label": args.label or args.model, "num_prompts": args.num_prompts,
             "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
             "max_concurrency": args.max_concurrency,
@@ -391,7 +516,11 @@ async def benchmark(args, specs: list[RequestSpec] | None = None,
         tokenizer_mode = tokenizer_mode or prompt_mode(args)
     url = api_url(args.base_url, args.endpoint)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    own_client = client is None
+    if getattr(args, "backend", "openai") != "openai":
+        send_one, close = triton_sender(args)
+    else:
+        send_one = close = None
+    own_client = client is None and send_one is None
     if own_client:
         conns = max(args.max_concurrency or args.num_prompts, 1)
         client = httpx.AsyncClient(
@@ -406,8 +535,8 @@ async def benchmark(args, specs: list[RequestSpec] | None = None,
     try:
         for i in range(args.warmup_requests):  # not counted; fail fast if the server is wrong
             spec = specs[i % len(specs)]
-            r = await send_request(client, url, headers, make_payload(args, spec), spec,
-                                   args.endpoint, t0)
+            r = await (send_one(spec, t0) if send_one else send_request(
+                client, url, headers, make_payload(args, spec), spec, args.endpoint, t0))
             if not r.success:
                 raise SystemExit(f"warm-up request failed: {r.error}")
         sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
@@ -418,6 +547,8 @@ async def benchmark(args, specs: list[RequestSpec] | None = None,
         async def send(spec: RequestSpec) -> RequestResult:
             nonlocal started
             started += 1
+            if send_one is not None:
+                return await send_one(spec, t0)
             return await send_request(client, url, headers, make_payload(args, spec), spec,
                                       args.endpoint, t0)
 
@@ -456,6 +587,8 @@ async def benchmark(args, specs: list[RequestSpec] | None = None,
     finally:
         if own_client:
             await client.aclose()
+        if close is not None:
+            await close()
     return summarize(args, results, duration, interrupted, tokenizer_mode)
 
 
@@ -473,6 +606,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model name the server serves")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--backend", choices=("openai", "triton-grpc", "triton-http"),
+                   default="openai", help="openai: SSE streaming over --endpoint; triton-grpc: "
+                   "KServe v2 gRPC streaming; triton-http: KServe v2 HTTP unary infer")
     p.add_argument("--label", help="name for plots (default: the model name)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--request-rate", type=float, default=float("inf"),

@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +24,10 @@ from starlette.routing import Route
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
 
 from . import protocol as P
-from .metrics import Metrics
+from .gateway import Gateway
+from .http_body import read_body, until_disconnect
+from .kserve.http import KServeHTTP
+from .kserve.service import InferService
 from .shaping import ChatShaper, CompletionShaper
 from .streams import ChoiceState, merge
 
@@ -51,20 +53,39 @@ class ServerSettings:
     # How to stop it (set by `kvserve serve` to end uvicorn's loop, so that the process then
     # exits with status 1); None: SIGTERM to this process.
     request_shutdown: Callable[[], None] | None = None
+    # KServe v2 over gRPC, started with the app on its event loop; None or 0: off.
+    grpc_port: int | None = None
+    grpc_host: str = "127.0.0.1"
+    # gRPC's own default (4 MB) would turn a long prompt into a transport error; past the
+    # engine's prompt limits the request gets a clear INVALID_ARGUMENT instead.
+    grpc_max_message_bytes: int = 64 << 20
 
 
 def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlette:
     api = _API(async_engine, settings)
+    kserve = InferService(api.gateway, settings.served_model_name,
+                          request_timeout=settings.request_timeout)
+    v2_http = KServeHTTP(kserve, api.check_auth, VERSION, settings.max_body_bytes,
+                         settings.body_read_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         async_engine.start()
         if settings.exit_on_engine_death_after is not None:
             async_engine.on_dead.append(lambda e: _exit_later(settings))
+        grpc_server = None
         try:
+            if settings.grpc_port:
+                from .kserve.grpc_server import start_grpc_server
+
+                grpc_server = await start_grpc_server(
+                    kserve, settings.grpc_host, settings.grpc_port, settings.api_key, VERSION,
+                    settings.grpc_max_message_bytes)
             yield
         finally:
-            api.prep_pool.shutdown(wait=False, cancel_futures=True)
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)  # cancels open calls: their requests abort
+            api.gateway.close()
             await async_engine.stop()
 
     routes = [
@@ -74,12 +95,11 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_endpoint, methods=["GET"]),
         Route("/version", api.version, methods=["GET"]),
-        Route("/v2/health/ready", api.health, methods=["GET"]),
-        Route("/v2/models/{model}", api.triton_model, methods=["GET"]),
         Route("/v2/models/{model}/generate", api.triton_generate, methods=["POST"]),
         Route("/v2/models/{model}/generate_stream", api.triton_generate_stream, methods=["POST"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/", api.playground, methods=["GET"]),
+        *v2_http.routes(),
     ]
     handlers = {HTTPException: _http_error, Exception: _internal_error}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
@@ -132,17 +152,16 @@ class _API:
     def __init__(self, async_engine: AsyncLLMEngine, settings: ServerSettings) -> None:
         self.engine = async_engine
         self.settings = settings
-        self.tokenizer = async_engine.engine.tokenizer
+        self.gateway = Gateway(async_engine, settings.prepare_timeout)
+        self.start_streams = self.gateway.start_streams
+        self.metrics = self.gateway.metrics
+        self.tokenizer = self.gateway.tokenizer
         self.token_text = P.TokenText(self.tokenizer)
-        self.metrics = Metrics(async_engine)
-        # Chat templates and tokenizing run here, never on the event loop. One thread: a
-        # fast tokenizer is not safe to share between concurrent encodes.
-        self.prep_pool = ThreadPoolExecutor(1, thread_name_prefix="kvserve-prep")
 
     # ---- plumbing ----------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
         key = self.settings.api_key
-        if key is None or not request.url.path.startswith(("/v1/", "/v2/models")):
+        if key is None or not request.url.path.startswith(("/v1/", "/v2/models", "/v2/repository")):
             return
         given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
@@ -151,64 +170,13 @@ class _API:
                              code="invalid_api_key")
 
     async def read_json(self, request: Request) -> dict:
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise P.APIError(413, f"request body over {limit} bytes", code="request_too_large")
-        data = bytearray()
-        try:
-            async with asyncio.timeout(self.settings.body_read_timeout):
-                async for chunk in request.stream():
-                    data += chunk
-                    if len(data) > limit:
-                        raise P.APIError(413, f"request body over {limit} bytes",
-                                         code="request_too_large")
-        except TimeoutError as e:
-            raise P.APIError(408, f"request body not received within "
-                                  f"{self.settings.body_read_timeout}s", code="request_timeout") from e
-        return P.parse_json(bytes(data))
+        return P.parse_json(await read_body(request, self.settings.max_body_bytes,
+                                            self.settings.body_read_timeout))
 
     def check_model(self, name) -> None:
         if name is not None and name != self.settings.served_model_name:
             raise P.APIError(404, f"The model `{name:.200}` does not exist.", param="model",
                              code="model_not_found")
-
-    async def start_streams(self, request_id: str, prompts: list, params,
-                            param: str = "prompt") -> list:
-        """Queue every prompt (all rendered and validated first, off the event loop, so a
-        bad one queues nothing); a request's sequences (prompts x n) are admitted together."""
-        loop = asyncio.get_running_loop()
-        checked = []
-        for i, p in enumerate(prompts):
-            name = param if len(prompts) == 1 else f"{param}[{i}]"
-            job = loop.run_in_executor(self.prep_pool, self._prepare, p, params)
-            try:
-                async with asyncio.timeout(self.settings.prepare_timeout):
-                    checked.append(await job)
-            except TimeoutError as e:  # a long queue for the prep thread, or a slow template
-                raise P.APIError(503, f"preparing the prompt took over "
-                                      f"{self.settings.prepare_timeout}s; retry later",
-                                 "server_overloaded", param=name,
-                                 headers={"Retry-After": "1"}) from e
-            except ValueError as e:
-                raise P.bad_field(name, str(e)) from e
-        try:
-            self.engine.check_capacity(len(checked) * params.n)
-        except ValueError as e:
-            raise P.bad_field("n", str(e)) from e
-        streams = []
-        try:
-            for i, c in enumerate(checked):
-                streams.append(self.engine.add_request(f"{request_id}-{i}", c, params))
-        except BaseException:
-            for s in streams:
-                s.close()
-            raise
-        return streams
-
-    def _prepare(self, prompt, params) -> dict:
-        """Prep thread: render (chat) and tokenize one prompt, and check it and params."""
-        return self.engine.validate(prompt() if callable(prompt) else prompt, params)
 
     async def run_to_end(self, request: Request, streams, timer):
         """Non-streamed: the final output of each prompt. A client that hangs up or a passed
@@ -220,7 +188,7 @@ class _API:
                 timer.on_output(out, 1)
                 finals[i] = out
 
-        await self.with_deadline(_until_disconnect(request, collect()))
+        await self.with_deadline(until_disconnect(request, collect()))
         return finals
 
     async def with_deadline(self, coro):
@@ -296,7 +264,7 @@ class _API:
             for s in streams:
                 s.close()
             if outcome != "ok":
-                self.metrics.requests.labels(outcome).inc()
+                self.metrics.requests.labels(outcome, "openai").inc()
 
     async def models(self, request: Request):
         try:
@@ -346,18 +314,10 @@ class _API:
         return text, params
 
     @_guarded
-    async def triton_model(self, request: Request):
-        self.triton_request(request, {"text_input": ""})
-        return JSONResponse({"name": self.settings.served_model_name, "versions": ["1"],
-                             "platform": "kvserve",
-                             "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
-                             "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]})
-
-    @_guarded
     async def triton_generate(self, request: Request):
         text, params = self.triton_request(request, await self.read_json(request))
         streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input")
-        timer = self.metrics.timer()
+        timer = self.metrics.timer("generate")
         finals = await self.run_to_end(request, streams, timer)
         out = finals[0].outputs[0]
         timer.finish("ok", len(finals[0].prompt_token_ids), len(out.token_ids))
@@ -399,26 +359,3 @@ def _stream_error(e: Exception) -> P.APIError:
         return P.APIError(500, str(e), "internal_error")
     logger.exception("internal error in a stream", exc_info=e)
     return P.APIError(500, "internal server error", "internal_error")
-
-
-async def _until_disconnect(request: Request, coro):
-    """Run coro; if the client hangs up first, cancel it (which aborts its requests)."""
-    task = asyncio.ensure_future(coro)
-
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise P.APIError(499, "client closed the request", code="client_closed")
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()

@@ -15,7 +15,7 @@ USAGE = """usage: kvserve serve [--model PATH] [--host H] [--port P] [options]  
 SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requests",
                "request_timeout", "max_body_bytes", "log_level", "body_read_timeout",
                "header_read_timeout", "trust_request_chat_template", "exit_on_engine_death",
-               "engine_death_grace")
+               "engine_death_grace", "grpc_port", "grpc_max_message_bytes")
 
 
 PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")  # configs/ links here
@@ -69,12 +69,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvserve serve", description="OpenAI-compatible server.")
+    p = argparse.ArgumentParser(prog="kvserve serve", description="OpenAI-compatible and KServe v2 / Triton (HTTP + gRPC) server.")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="name clients use (default: from the model path)")
-    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"))
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="KServe v2 / Triton gRPC port, on --host (0: no gRPC)")
+    p.add_argument("--grpc-max-message-bytes", type=int, default=64 << 20,
+                   help="largest gRPC message either way (default 64 MiB)")
+    p.add_argument("--api-key", default=os.environ.get("KVSERVE_API_KEY"),
+                   help="required as 'Authorization: Bearer KEY' (HTTP header or gRPC "
+                        "metadata) on /v1 and /v2/models")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="queue bound in sequences (prompts x n); beyond it requests get "
                         "503 + Retry-After")
@@ -146,7 +152,9 @@ def serve(argv: list[str]) -> int:
         body_read_timeout=srv.get("body_read_timeout", 30.0),
         trust_request_chat_template=bool(srv.get("trust_request_chat_template")),
         exit_on_engine_death_after=(srv.get("engine_death_grace", 2.0)
-                                    if srv.get("exit_on_engine_death", True) else None))
+                                    if srv.get("exit_on_engine_death", True) else None),
+        grpc_port=srv.get("grpc_port", 8001) or None, grpc_host=srv.get("host", "127.0.0.1"),
+        grpc_max_message_bytes=srv.get("grpc_max_message_bytes", 64 << 20))
     app = build_app(async_engine, settings)
     server = uvicorn.Server(uvicorn.Config(
         app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),

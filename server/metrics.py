@@ -25,22 +25,23 @@ class Metrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("kvserve_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("kvserve_generation_tokens", "Tokens generated.", registry=r)
-        self.requests = Counter("kvserve_requests", "Finished requests by outcome.", ["outcome"],
-                                registry=r)
+        # protocol: openai | generate (Triton's generate extension) | kserve-http | kserve-grpc
+        self.requests = Counter("kvserve_requests", "Finished requests by outcome and protocol.",
+                                ["outcome", "protocol"], registry=r)
         r.register(_EngineCollector(async_engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self) -> "RequestTimer":
-        return RequestTimer(self)
+    def timer(self, protocol: str = "openai") -> "RequestTimer":
+        return RequestTimer(self, protocol)
 
 
 class RequestTimer:
     """Observes one request's TTFT, inter-token latencies, queue time and e2e latency."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: Metrics, protocol: str) -> None:
+        self.metrics, self.protocol = metrics, protocol
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.queue_seen = False
@@ -62,7 +63,7 @@ class RequestTimer:
         self.metrics.e2e.observe(time.monotonic() - self.start)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(generated)
-        self.metrics.requests.labels(outcome).inc()
+        self.metrics.requests.labels(outcome, self.protocol).inc()
 
 
 class _EngineCollector:

@@ -1,7 +1,7 @@
 """The server's OpenAPI 3.0.3 document (served at ``GET /openapi.json``).
 
-Built as a plain dict. Request bodies list the fields the server reads (see protocol.py and
-app.py's ``triton_request``) with the limits it enforces; unknown fields are ignored, so the
+Built as a plain dict. Request bodies list the fields the server reads (see protocol.py,
+app.py's ``triton_request`` and kserve/contract.py) with the limits it enforces; unknown fields are ignored, so the
 request objects stay open. Response bodies are described loosely (OpenAI's shapes).
 """
 from __future__ import annotations
@@ -183,6 +183,49 @@ SCHEMAS: dict = {
     "TritonGenerateResponse": {"type": "object", "properties": {
         "model_name": {"type": "string"}, "model_version": {"type": "string"},
         "text_output": {"type": "string"}}},
+    # ---- KServe v2 (Open Inference Protocol) ---------------------------------------------
+    "InferInput": {
+        "type": "object", "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string", "enum": [
+                "text_input", "stream", "sampling_parameters", "exclude_input_in_output",
+                "return_finish_reason", "return_cumulative_logprob", "return_logprobs",
+                "return_num_input_tokens", "return_num_output_tokens"]},
+            "datatype": {"type": "string", "enum": ["BYTES", "BOOL", "INT32", "FP32"]},
+            "shape": {"type": "array", "maxItems": 2, "items": {"type": "integer", "minimum": 0}},
+            "data": {"type": "array", "maxItems": 4},
+            "parameters": {"type": "object", "nullable": True,
+                           "description": "binary_data_size: the input's bytes follow the "
+                                          "JSON header (binary tensor extension)."},
+        },
+    },
+    "InferRequest": {
+        "type": "object", "required": ["inputs"],
+        "description": "Inputs as Triton's vLLM backend names them; BYTES as strings, BOOL "
+                       "as true/false. With Inference-Header-Content-Length the body is "
+                       "this JSON followed by binary tensor data.",
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"allOf": [_ref("SamplingFields"), {"type": "object", "properties": {
+                "binary_data_output": _bool("Every output as binary data."),
+                "timeout": _int("Microseconds before the request is aborted.", minimum=0)}}],
+                "nullable": True},
+            "inputs": {"type": "array", "minItems": 1, "maxItems": 10,
+                       "items": _ref("InferInput")},
+            "outputs": {"type": "array", "maxItems": 6, "items": {
+                "type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string", "enum": [
+                    "text_output", "finish_reason", "cumulative_logprob", "logprobs",
+                    "num_input_tokens", "num_output_tokens"]},
+                    "parameters": {"type": "object", "nullable": True, "properties": {
+                        "binary_data": _bool()}}}}},
+        },
+    },
+    "InferResponse": {"type": "object", "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"},
+        "id": {"type": "string"}, "outputs": {"type": "array", "items": {"type": "object"}}}},
+    "V2Error": {"type": "object", "required": ["error"],
+                "properties": {"error": {"type": "string"}}},
 }
 
 _ERRORS = {
@@ -194,6 +237,7 @@ _ERRORS = {
     "504": "Past --request-timeout; the request was aborted.",
 }
 RESPONSES: dict = {code: _json(_ref("Error"), text) for code, text in _ERRORS.items()}
+RESPONSES.update({f"v2-{code}": _json(_ref("V2Error"), text) for code, text in _ERRORS.items()})
 _SSE = {"text/event-stream": {"schema": {
     "type": "string", "description": "data: <JSON chunk> events (errors in the Error shape)."}}}
 
@@ -218,6 +262,19 @@ def _generate(summary: str, request: str, response: str, stream: str) -> dict:
     }
 
 
+def _v2(summary: str, ok: dict, *errors: str, secured: bool = True, body: str | None = None,
+        method: str = "get") -> dict:
+    """A KServe v2 route: errors are {"error": "message"}, as the protocol says."""
+    op = {"summary": summary, "responses": {
+        "200": ok, **{c: {"$ref": "#/components/responses/v2-" + c} for c in errors}}}
+    if secured:
+        op["security"] = [{"bearerAuth": []}]
+    if body:
+        op["requestBody"] = {"required": True,
+                             "content": {"application/json": {"schema": _ref(body)}}}
+    return {method: op}
+
+
 def _get(summary: str, ok: dict, *errors: str, secured: bool = False) -> dict:
     op = {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}
     if secured:
@@ -232,6 +289,9 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
     model_param = {"name": "model", "in": "path", "required": True,
                    "schema": {"type": "string"}, "example": served_model_name,
                    "description": f"The served model's name ({served_model_name})."}
+    version_param = {"name": "version", "in": "path", "required": True,
+                     "schema": {"type": "string"}, "example": "1",
+                     "description": "The model version (1)."}
     health = _get("200 while the engine loop runs.", {"description": "Healthy (empty body)."},
                   "503")
     paths = {
@@ -247,12 +307,29 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
             "content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/version": {"get": _get("Server version.", _json(
             {"type": "object", "properties": {"version": {"type": "string"}}}, "Version."))},
-        "/v2/health/ready": {"get": health},
-        "/v2/models/{model}": {
-            "parameters": [model_param],
-            "get": _get("Triton model metadata.", _json(_ref("TritonModel"), "Metadata."),
-                        "401", "404", secured=True),
-        },
+        "/v2": _v2("KServe v2 server metadata.", _json({"type": "object"}, "Metadata."),
+                   secured=False),
+        "/v2/health/live": _v2("200 while the process runs.", {"description": "Live."},
+                               secured=False),
+        "/v2/health/ready": _v2("200 while the engine loop runs.", {"description": "Ready."},
+                                "503", secured=False),
+        "/v2/repository/index": _v2("The served models.", _json(
+            {"type": "array", "items": {"type": "object"}}, "Models."), "401", method="post"),
+        **{base + tail: {"parameters": [model_param] + ([version_param] if "{version}" in base
+                                                        else []), **op}
+           for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+           for tail, op in (
+               ("", _v2("KServe v2 model metadata (inputs, outputs).",
+                        _json(_ref("TritonModel"), "Metadata."), "401", "404")),
+               ("/ready", _v2("200 when the model can serve.", {"description": "Ready."},
+                              "401", "404", "503")),
+               ("/config", _v2("Triton model configuration.", _json({"type": "object"},
+                                                                     "Config."), "401", "404")),
+               ("/infer", _v2("KServe v2 inference (unary).", _json(
+                   _ref("InferResponse"), "Outputs (JSON, or binary after the JSON header)."),
+                   "400", "401", "404", "413", "503", "504", body="InferRequest",
+                   method="post")),
+           )},
         "/v2/models/{model}/generate": {
             "parameters": [model_param],
             "post": _generate("Triton generate.", "TritonGenerateRequest",
@@ -269,7 +346,9 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
         "openapi": "3.0.3",
         "info": {"title": "kvserve", "version": version,
                  "description": f"OpenAI-compatible inference server for {served_model_name}. "
-                                "Errors use OpenAI's shape; /v1/* and /v2/models* need "
+                                "Errors use OpenAI's shape (KServe v2 routes: "
+                                "{\"error\": message}); /v1/*, /v2/models* and "
+                                "/v2/repository need "
                                 "'Authorization: Bearer KEY' when started with --api-key."},
         "paths": paths,
         "components": {

@@ -175,7 +175,7 @@ def server(smol_llm, tmp_path_factory, request):  # smol_llm: the GGUF conversio
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--api-key", KEY,
              "--log-level", "warning", "--max-num-seqs", "16", "--dtype", "float32",
-             "--max-model-len", "512", "--request-timeout", "20"],
+             "--max-model-len", "512", "--request-timeout", "20", "--grpc-port", "0"],
             stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + 180
@@ -301,6 +301,22 @@ def _error_message(body: bytes) -> str:
         return body[:120].decode("utf-8", "replace")
 
 
+def _kserve_route(route: str) -> bool:
+    """KServe v2 routes answer errors as {"error": "message"}; the generate extension as
+    OpenAI does."""
+    return route.startswith("/v2") and not route.endswith(("/generate", "/generate_stream"))
+
+
+def _v2_shape_problem(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "error body is not JSON"
+    if not isinstance(data, dict) or not isinstance(data.get("error"), str) or len(data) != 1:
+        return "error body is not {\"error\": message}"
+    return None
+
+
 def _shape_problem(body: bytes) -> str | None:
     try:
         data = json.loads(body)
@@ -383,8 +399,8 @@ def send(srv: Server, client: httpx.Client, failures: Failures, route: str, meth
     if problem is None and status is not None:
         if status >= 500:
             problem = f"status {status}"
-        elif status >= 400 and route.startswith(("/v1/", "/v2/")):
-            problem = _shape_problem(body)
+        elif status >= 400 and route.startswith(("/v1/", "/v2")):
+            problem = (_v2_shape_problem(body) if _kserve_route(route) else _shape_problem(body))
         elif status < 300 and "text/event-stream" in ctype:
             problem = _stream_problem(route, body)
     if problem is None:
@@ -416,6 +432,11 @@ def cap_body(body):
             body[name] = MAX_TOKENS
     if body.get("max_tokens") is None:
         body["max_tokens"] = MAX_TOKENS
+    params = body.get("parameters")
+    if "inputs" in body and isinstance(params, dict):  # KServe v2 infer: sampling lives here
+        v = params.get("max_tokens")
+        if not isinstance(v, int) or isinstance(v, bool) or v > MAX_TOKENS:
+            body["parameters"] = {**params, "max_tokens": MAX_TOKENS}
     return body
 
 
@@ -460,6 +481,8 @@ def fuzz_schema(doc: dict) -> dict:
         for param in path.get("parameters", []):
             if param["name"] == "model":
                 param["schema"] = {"type": "string", "enum": [MODEL]}
+            if param["name"] == "version":
+                param["schema"] = {"type": "string", "enum": ["1"]}
     return doc
 
 
@@ -473,7 +496,12 @@ def live_schema(server):
     assert (served, with_inputs) == (OPERATIONS, WITH_INPUTS)
     assert sorted(served) == sorted([  # every route of server/app.py, documented
         "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
-        "GET /metrics", "GET /version", "GET /v2/health/ready", "GET /v2/models/{model}",
+        "GET /metrics", "GET /version", "GET /v2", "GET /v2/health/live",
+        "GET /v2/health/ready", "POST /v2/repository/index",
+        *(f"{method} {base}{tail}" for base in ("/v2/models/{model}",
+                                                "/v2/models/{model}/versions/{version}")
+          for method, tail in (("GET", ""), ("GET", "/ready"), ("GET", "/config"),
+                               ("POST", "/infer"))),
         "POST /v2/models/{model}/generate", "POST /v2/models/{model}/generate_stream",
         "GET /openapi.json"])
     schema = schemathesis.openapi.from_dict(fuzz_schema(doc))

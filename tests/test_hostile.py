@@ -10,52 +10,19 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
-from test_server import free_port, metric
+from live_server import start_server, stop_server
+from test_server import metric
 
 MODEL = "SmolLM2-135M-Instruct"
 FAULTY_SEED = 777001  # KVSERVE_FAULTS: sampling raises for this seed
 FATAL_SEED = 777002  # KVSERVE_FAULTS: the step raises EngineFatalError for this seed
 REF = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 HELLO = [{"role": "user", "content": "Hello!"}]
-
-
-def start_server(tmp_path, name: str, *args: str, faults: str = ""):
-    port = free_port()
-    log = open(tmp_path / f"{name}.log", "w+")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVSERVE_FAULTS": faults}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--log-level",
-         "warning", "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
-         *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"server exited: {log.read()[-3000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base, port, log
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    pytest.fail("server did not become healthy")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from engine import SamplingParams
-from test_hostile import MODEL, start_server, stop_server
+from live_server import start_server, stop_server
+from test_hostile import MODEL
 from test_server import metric
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,7 @@ def live(smol_llm, tmp_path_factory):
 
 def aborted(base: str) -> float:
     for line in httpx.get(base + "/metrics").text.splitlines():
-        if line.startswith('kvserve_requests_total{outcome="aborted"}'):
+        if line.startswith('kvserve_requests_total{outcome="aborted",protocol="openai"}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.model_executor.loader import load_model
-from engine.model_executor.quant import (Int4Linear, Int8Linear, pack_w8a8, quantize_int4,
+from engine.model_executor.quant import (Int4Linear, pack_w8a8, quantize_int4,
                                          quantize_w8a8, w8a8_linear_torch)
 from kernels import cpu_ops
 from test_bf16 import TEXT, teacher_forced_logits

@@ -35,7 +35,7 @@ def server(smol_llm):  # smol_llm: the GGUF conversion is cached before the serv
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--api-key", KEY,
-         "--log-level", "warning", "--max-num-seqs", "64", "--dtype", "float32"],
+         "--log-level", "warning", "--max-num-seqs", "64", "--dtype", "float32", "--grpc-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

@@ -1,0 +1,64 @@
+"""The one way into the async engine for every front end (OpenAI, Triton generate, KServe v2
+over HTTP and gRPC): prompts are rendered, tokenized and checked off the event loop, the
+queue bound is checked for the whole request, then every prompt is queued at once."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from engine.async_engine import AsyncLLMEngine
+
+from . import protocol as P
+from .metrics import Metrics
+
+
+class Gateway:
+    def __init__(self, async_engine: AsyncLLMEngine, prepare_timeout: float) -> None:
+        self.engine = async_engine
+        self.tokenizer = async_engine.engine.tokenizer
+        self.prepare_timeout = prepare_timeout
+        self.metrics = Metrics(async_engine)
+        # Chat templates and tokenizing run here, never on the event loop. One thread: a
+        # fast tokenizer is not safe to share between concurrent encodes.
+        self.prep_pool = ThreadPoolExecutor(1, thread_name_prefix="kvserve-prep")
+
+    def close(self) -> None:
+        self.prep_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def start_streams(self, request_id: str, prompts: list, params,
+                            param: str = "prompt") -> list:
+        """Queue every prompt (all rendered and validated first, off the event loop, so a
+        bad one queues nothing); a request's sequences (prompts x n) are admitted together.
+        Raises P.APIError (400, 503), QueueFullError or EngineDeadError."""
+        loop = asyncio.get_running_loop()
+        checked = []
+        for i, p in enumerate(prompts):
+            name = param if len(prompts) == 1 else f"{param}[{i}]"
+            job = loop.run_in_executor(self.prep_pool, self._prepare, p, params)
+            try:
+                async with asyncio.timeout(self.prepare_timeout):
+                    checked.append(await job)
+            except TimeoutError as e:  # a long queue for the prep thread, or a slow template
+                raise P.APIError(503, f"preparing the prompt took over "
+                                      f"{self.prepare_timeout}s; retry later",
+                                 "server_overloaded", param=name,
+                                 headers={"Retry-After": "1"}) from e
+            except ValueError as e:
+                raise P.bad_field(name, str(e)) from e
+        try:
+            self.engine.check_capacity(len(checked) * params.n)
+        except ValueError as e:
+            raise P.bad_field("n", str(e)) from e
+        streams = []
+        try:
+            for i, c in enumerate(checked):
+                streams.append(self.engine.add_request(f"{request_id}-{i}", c, params))
+        except BaseException:
+            for s in streams:
+                s.close()
+            raise
+        return streams
+
+    def _prepare(self, prompt, params) -> dict:
+        """Prep thread: render (chat) and tokenize one prompt, and check it and params."""
+        return self.engine.validate(prompt() if callable(prompt) else prompt, params)

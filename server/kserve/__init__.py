@@ -1,0 +1,1 @@
+"""KServe v2 / Triton inference protocol: tensors, the LLM contract, HTTP and gRPC."""

@@ -1,0 +1,122 @@
+"""Runs v2 infer jobs on the engine, for HTTP and gRPC alike: model and version checks,
+the shared gateway (validation off the event loop, queue bound), deadlines, metrics, and
+the mapping of every failure to one ``V2Error``. Leaving a job early (client gone, call
+cancelled, deadline) closes its streams, which aborts its requests and frees their blocks."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
+from engine.outputs import CompletionOutput, RequestOutput
+
+from .. import protocol as P
+from ..gateway import Gateway
+from ..streams import merge
+from .contract import InferJob, ResponseBuilder
+from .errors import V2Error
+from .tensors import Tensor
+
+logger = logging.getLogger("kvserve.kserve")
+
+
+@contextlib.contextmanager
+def engine_errors():
+    """Engine and gateway exceptions as V2Errors."""
+    try:
+        yield
+    except V2Error:
+        raise
+    except P.APIError as e:
+        raise V2Error.from_status(e.status, e.message, e.headers) from e
+    except QueueFullError as e:
+        raise V2Error("unavailable", f"server overloaded: {e}; retry later",
+                      {"Retry-After": "1"}) from e
+    except EngineDeadError as e:
+        raise V2Error("unavailable", str(e)) from e
+    except RequestFailedError as e:
+        raise V2Error("internal", str(e)) from e
+    except ValueError as e:
+        raise V2Error.bad(str(e)) from e
+
+
+class InferService:
+    def __init__(self, gateway: Gateway, model_name: str, version: str = "1",
+                 request_timeout: float | None = None) -> None:
+        self.gateway = gateway
+        self.model_name, self.version = model_name, version
+        self.request_timeout = request_timeout
+        self.decode = lambda t: gateway.tokenizer.decode([t])
+
+    @property
+    def ready(self) -> bool:
+        return self.gateway.engine.is_running
+
+    def check_model(self, name: str, version: str = "") -> None:
+        if name != self.model_name:
+            raise V2Error("not_found", f"Request for unknown model: '{name:.200}' is not found")
+        if version not in ("", self.version):
+            raise V2Error("not_found", f"Request for unknown model: '{name}' version "
+                                       f"{version:.40} is not found")
+
+    def deadline(self, job: InferJob) -> float | None:
+        limits = [t for t in (self.request_timeout, job.timeout) if t]
+        return min(limits) if limits else None
+
+    async def _start(self, job: InferJob) -> list:
+        with engine_errors():
+            return await self.gateway.start_streams(P.new_id("v2"), job.prompts, job.params,
+                                                    "text_input")
+
+    async def unary(self, job: InferJob, protocol: str) -> list[Tensor]:
+        """Run to the end; the one response's tensors."""
+        final = None
+        async for tensors, last in self.responses(job, protocol):
+            if last:
+                final = tensors
+        return final
+
+    async def responses(self, job: InferJob, protocol: str
+                        ) -> AsyncIterator[tuple[list[Tensor], bool]]:
+        """(tensors, is_last) per response: every change when the job streams, else one at
+        the end. Raises V2Error; a consumer that stops early aborts the job."""
+        streams = await self._start(job)
+        timer = self.gateway.metrics.timer(protocol)
+        builder = ResponseBuilder(job, self.decode)
+        latest: list = [_nothing_yet(job.params.n)] * len(streams)
+        finished = [False] * len(streams)
+        outcome = "aborted"
+        try:
+            with engine_errors():
+                async with asyncio.timeout(self.deadline(job)):
+                    async for i, out in merge(streams):
+                        new = len(out.outputs[0].token_ids) if out.outputs else 0
+                        timer.on_output(out, new - _tokens(latest[i]))
+                        latest[i], finished[i] = out, out.finished
+                        if job.stream or all(finished):
+                            yield builder.tensors(latest), all(finished)
+            outcome = "ok"
+            timer.finish("ok", sum(len(o.prompt_token_ids) for o in latest),
+                         sum(len(c.token_ids) for o in latest for c in o.outputs))
+        except TimeoutError as e:
+            outcome = "timeout"
+            raise V2Error("deadline", "request exceeded its deadline and was aborted") from e
+        except V2Error:
+            outcome = "error"
+            raise
+        finally:
+            for s in streams:
+                s.close()
+            if outcome != "ok":
+                self.gateway.metrics.requests.labels(outcome, protocol).inc()
+
+
+def _nothing_yet(n: int) -> RequestOutput:
+    """A prompt that has produced nothing yet, as a streamed batch's placeholder row."""
+    return RequestOutput("", "", [], [CompletionOutput(i, "", []) for i in range(n)])
+
+
+def _tokens(out: RequestOutput) -> int:
+    return len(out.outputs[0].token_ids) if out.outputs else 0
