@@ -105,11 +105,12 @@ def test_installed_kvserve_serves_a_preset(installed, smol_llm, tmp_path):  # GG
     from test_server import free_port
 
     venv, _ = installed
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
     proc = subprocess.Popen([str(venv / "bin" / "kvserve"), "serve", "--config", "cpu-small",
-                             "--port", str(port), "--log-level", "warning"],
+                             "--port", str(port), "--grpc-port", str(grpc_port),
+                             "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=venv)
     try:
@@ -126,6 +127,9 @@ def test_installed_kvserve_serves_a_preset(installed, smol_llm, tmp_path):  # GG
             "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
         assert "kvserve playground" in httpx.get(base + "/").text
+        import tritonclient.grpc as grpcclient  # gRPC from the installed stubs
+
+        assert grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_ready()
         info = subprocess.run([str(venv / "bin" / "kvserve"), "info", "--json"], env=env,
                               capture_output=True, text=True, timeout=300, cwd=venv)
         assert json.loads(info.stdout)["cpu_ops"]["built"] is True, info.stderr[-2000:]
