@@ -25,6 +25,7 @@ _PUBLIC = {
     "LLM": "engine.llm", "LLMEngine": "engine.llm_engine", "EngineConfig": "engine.core.config",
     "SamplingParams": "engine.core.sampling_params", "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs", "Logprob": "engine.outputs",
+    "StructuredOutputsParams": "engine.core.structured_outputs",
 }
 __all__ = list(_PUBLIC)
 

@@ -32,6 +32,8 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts.")
+        for p in {id(p): p for p in params}.values():
+            self.engine.check_structured(p)  # an unenforceable grammar: ValueError up front
         ids = []
         try:
             for prompt, p in zip(prompts, params):

@@ -11,7 +11,9 @@ would have been (seeded generators are rewound before each re-run). Only an
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +28,7 @@ from .detokenizer import IncrementalDetokenizer
 from .model_executor.model_config import ModelConfig
 from .model_executor.model_runner import ModelRunner
 from .outputs import CompletionOutput, Logprob, RequestOutput
+from .structured_output.grammar import GrammarCompiler, new_matcher
 from .tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,14 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[Request]
     logprobs: list[list] = field(default_factory=list)
+
+
+@dataclass
+class _PendingGrammar:
+    """A constrained request whose grammar is still compiling: not yet scheduled."""
+    parent: _Parent
+    future: concurrent.futures.Future
+    deadline: float
 
 
 class LLMEngine:
@@ -60,6 +71,9 @@ class LLMEngine:
         self.parents: dict[str, _Parent] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.errors: dict[str, str] = {}  # parent id -> why it failed, until reported
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                        self.eos_token_ids)
+        self.pending_grammars: dict[str, _PendingGrammar] = {}
 
     def _max_prompt_chars(self) -> int | None:
         """Characters a text prompt may have, checked before tokenizing it. By default the
@@ -115,6 +129,15 @@ class LLMEngine:
         if params.top_k > vocab:
             raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), "
                              f"got {params.top_k}.")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer (skip_tokenizer_init=True).")
+
+    def check_structured(self, params: SamplingParams) -> None:
+        """Compile the request's grammar now (cached for when it is added): ValueError if
+        it cannot be enforced. Blocks for the compile; servers wait for
+        ``grammars.submit`` on their event loop instead."""
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -147,11 +170,18 @@ class LLMEngine:
         detoks = {}
         if self.tokenizer is not None:
             detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r) for r in children}
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammars.submit(params.structured_outputs)
         for req in children:
             self.runner.add_generator(req)
-        self.parents[request_id] = _Parent(request_id, text, ids, children,
-                                           [[] for _ in range(params.n)])
+        parent = _Parent(request_id, text, ids, children, [[] for _ in range(params.n)])
+        self.parents[request_id] = parent
         self.detokenizers.update(detoks)
+        if grammar is not None:  # scheduled once its grammar has compiled (see step)
+            self.pending_grammars[request_id] = _PendingGrammar(
+                parent, grammar, time.monotonic() + self.config.grammar_compile_timeout)
+            return
         for req in children:
             self.scheduler.add_request(req)
 
@@ -161,6 +191,7 @@ class LLMEngine:
             parent = self.parents.pop(rid, None)
             if parent is None:
                 continue
+            self.pending_grammars.pop(rid, None)
             for req in parent.children:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
                 self._drop_child(req)
@@ -170,9 +201,13 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed_grammars = self._admit_compiled() if self.pending_grammars else []
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            if self.pending_grammars and not failed_grammars:  # only compiles: do not spin
+                concurrent.futures.wait([p.future for p in self.pending_grammars.values()],
+                                        timeout=0.005, return_when="FIRST_COMPLETED")
+            return [self._make_output(p) for p in failed_grammars]
         if faults.enabled():
             faults.check("fatal", [s.request for s in sched.scheduled])
         sampled, logprobs, failed = self._execute(sched.scheduled)
@@ -188,11 +223,62 @@ class LLMEngine:
                 self._record_logprobs(req, sampled[req.request_id], lp)
         updated = self.scheduler.update_from_output(sched, sampled)
         for req in updated:
-            self._detokenize(req)
-            parent = self.parents.get(req.parent_id)
+            grammar_done = req.grammar is not None and self._advance_grammar(req)
+            if req.status is RequestStatus.FINISHED_ERROR:
+                parent = self.parents.get(req.parent_id)
+            else:
+                self._detokenize(req)
+                if grammar_done and not req.is_finished:  # complete: nothing more may follow
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                parent = self.parents.get(req.parent_id)
             if parent is not None:
                 touched[parent.request_id] = parent
+        for parent in failed_grammars:
+            touched[parent.request_id] = parent
         return [self._make_output(p) for p in touched.values()]
+
+    # ---- structured outputs ------------------------------------------------------------
+    def _admit_compiled(self) -> list[_Parent]:
+        """Schedule the constrained requests whose grammars are ready (in arrival order);
+        fail those whose compile failed or ran past its limit. Returns the failed parents."""
+        failed, now = [], time.monotonic()
+        for rid, pending in list(self.pending_grammars.items()):
+            error = None
+            if pending.future.done():
+                try:
+                    proto = pending.future.result()
+                except Exception as e:  # noqa: BLE001 - the request's grammar, not the engine
+                    error = str(e)
+            elif now > pending.deadline:
+                error = (f"compiling the grammar took over {self.config.grammar_compile_timeout}s "
+                         "(grammar_compile_timeout)")
+            else:
+                continue
+            del self.pending_grammars[rid]
+            if error is not None:
+                self.errors[rid] = error
+                for child in pending.parent.children:
+                    child.status = RequestStatus.FINISHED_ERROR
+                failed.append(pending.parent)
+                continue
+            for child in pending.parent.children:
+                child.grammar = new_matcher(proto)
+                self.scheduler.add_request(child)
+        return failed
+
+    def _advance_grammar(self, req: Request) -> bool:
+        """Feed the sampled token to the request's matcher; True once the grammar is
+        complete. A token the matcher rejects is a bug: the request fails, loudly."""
+        if req.is_finished and req.status is not RequestStatus.FINISHED_LENGTH:
+            return False  # eos / stop token: the end the grammar allowed
+        token = req.token_ids[-1]
+        if not req.grammar.consume_token(token):
+            error = RuntimeError(f"the grammar rejected sampled token {token}: "
+                                 f"{req.grammar.get_error()}")
+            logger.error("request %s: %s", req.request_id, error)
+            self._fail(req, error)
+            return False
+        return req.grammar.is_stopped()
 
     def _execute(self, scheduled: list[ScheduledRequest]):
         """Run the model for ``scheduled``: (sampled tokens by id, [(request, logprobs)],

@@ -45,6 +45,8 @@ class Gateway:
                                  headers={"Retry-After": "1"}) from e
             except ValueError as e:
                 raise P.bad_field(name, str(e)) from e
+        if params.structured_outputs is not None:
+            await self._compile(params.structured_outputs)
         try:
             self.engine.check_capacity(len(checked) * params.n)
         except ValueError as e:
@@ -58,6 +60,19 @@ class Gateway:
                 s.close()
             raise
         return streams
+
+    async def _compile(self, spec) -> None:
+        """The request's grammar, compiled on the grammar thread (cached for the engine):
+        neither the event loop nor other requests' preparation waits for it."""
+        engine = self.engine.engine
+        try:
+            async with asyncio.timeout(engine.config.grammar_compile_timeout):
+                await asyncio.wrap_future(engine.grammars.submit(spec))
+        except TimeoutError as e:
+            raise P.APIError(400, f"compiling the grammar took over "
+                                  f"{engine.config.grammar_compile_timeout}s") from e
+        except ValueError as e:
+            raise P.APIError(400, str(e)) from e
 
     def _prepare(self, prompt, params) -> dict:
         """Prep thread: render (chat) and tokenize one prompt, and check it and params."""

@@ -69,6 +69,23 @@ SCHEMAS: dict = {
             "min_tokens": _int("At most max_tokens.", minimum=0),
             "skip_special_tokens": _bool(),
             "include_stop_str_in_output": _bool(),
+            "response_format": {
+                "type": "object", "nullable": True, "required": ["type"],
+                "description": "OpenAI: text, json_object, or json_schema "
+                               "({json_schema: {name, schema, strict}}); enforced by grammar.",
+                "properties": {"type": {"type": "string",
+                                        "enum": ["text", "json_object", "json_schema"]},
+                               "json_schema": {"type": "object", "properties": {
+                                   "name": {"type": "string"}, "schema": {"type": "object"},
+                                   "strict": {"type": "boolean", "nullable": True}}}}},
+            "structured_outputs": {
+                "type": "object", "nullable": True,
+                "description": "vLLM: exactly one of json (a schema), json_object, regex, "
+                               "choice, grammar (Lark).",
+                "properties": {"json": {"type": "object"}, "json_object": {"type": "boolean"},
+                               "regex": {"type": "string"},
+                               "choice": {"type": "array", "items": {"type": "string"}},
+                               "grammar": {"type": "string"}}},
         },
     },
     "StreamOptions": {"type": "object", "nullable": True,

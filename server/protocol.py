@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from engine import SamplingParams
+from engine.core.structured_outputs import StructuredOutputsParams
 from engine.outputs import CompletionOutput
 from engine.tokenizer import normalize_messages, render_chat
 
@@ -98,6 +99,45 @@ SAMPLING_FIELDS = {
 }
 
 
+def structured_outputs(body: dict):
+    """The request's output constraint, from OpenAI's ``response_format`` or vLLM's
+    ``structured_outputs`` (and its older ``guided_*`` fields); None when unconstrained.
+    Returns (StructuredOutputsParams | None, the field it came from)."""
+    sources = [k for k in ("response_format", "structured_outputs") if body.get(k) is not None]
+    guided = {k[7:]: body[k] for k in ("guided_json", "guided_regex", "guided_choice",
+                                       "guided_grammar") if body.get(k) is not None}
+    if guided:
+        sources.append("guided_*")
+    if len(sources) > 1:
+        raise bad_field(sources[1], f"give one of {', '.join(sources)}, not several.")
+    if not sources:
+        return None, None
+    name = sources[0]
+    try:
+        if name == "response_format":
+            return _response_format(field(body, name, "dict")), name
+        if name == "structured_outputs":
+            return StructuredOutputsParams.from_dict(field(body, name, "dict")), name
+        return StructuredOutputsParams.from_dict(guided), name
+    except ValueError as e:
+        raise bad_field(name, str(e)) from e
+
+
+def _response_format(rf: dict):
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+            raise ValueError("response_format json_schema needs json_schema.schema (an object).")
+        return StructuredOutputsParams(json=spec["schema"])
+    raise ValueError(f"response_format.type must be text, json_object or json_schema, "
+                     f"got {kind!r:.60}.")
+
+
 def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     kwargs = {}
     for name, kind in SAMPLING_FIELDS.items():
@@ -106,8 +146,10 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) ->
             kwargs[name] = value
     if max_tokens is not None and max_tokens < 1:
         raise bad_field("max_tokens", f"'max_tokens' must be at least 1, got {max_tokens}.")
+    constraint, _ = structured_outputs(body)
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                              structured_outputs=constraint, **kwargs)
     except ValueError as e:
         name = str(e).split(" ", 1)[0]
         raise bad_field(name if name in SAMPLING_FIELDS or name in ("max_tokens", "logprobs") else None,

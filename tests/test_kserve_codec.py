@@ -257,3 +257,20 @@ def test_engine_failures_map_to_protocol_errors():
         with pytest.raises(V2Error) as e, engine_errors():
             raise exc
         assert (e.value.http_status, e.value.grpc_code) == (status, code), exc
+
+
+def test_sampling_parameters_carry_structured_outputs_as_the_vllm_backend_does():
+    job = contract.parse_job([text("a"), sampling(
+        {"structured_outputs": json.dumps({"choice": ["x", "y"]})})], {}, None, False)
+    assert job.params.structured_outputs.choice == ("x", "y")
+    job = contract.parse_job([text("a"), sampling(
+        {"guided_decoding": {"regex": "[0-9]+", "backend": "xgrammar"}})], {}, None, False)
+    assert job.params.structured_outputs.regex == "[0-9]+"
+    job = contract.parse_job([text("a"), sampling(
+        {"response_format": {"type": "json_object"}})], {}, None, False)
+    assert job.params.structured_outputs.json_object
+    bad(contract.parse_job, [text("a"), sampling({"structured_outputs": {"regex": "a",
+                                                                         "choice": ["b"]}})],
+        {}, None, False, match="exactly one")
+    bad(contract.parse_job, [text("a"), sampling({"structured_outputs": "{not json"})], {}, None,
+        False, match="'structured_outputs' must be an object")

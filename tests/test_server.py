@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 
+from typing import Literal
+
 import httpx
+import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from engine import SamplingParams
 
@@ -296,3 +301,79 @@ def test_misc_endpoints_and_triton(server, smol_llm):
         pieces = [json.loads(line[5:])["text_output"] for line in r.iter_lines() if line.startswith("data:")]
     assert "".join(pieces) == expected
     assert httpx.post(f"{server}/v2/models/nope/generate", json=body, headers=h).status_code == 404
+
+
+# ---- structured outputs through the OpenAI API -----------------------------------------
+ASK_PET = [{"role": "user", "content": "Describe a pet as JSON."}]
+PET = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "age"],
+       "properties": {"name": {"type": "string", "maxLength": 12},
+                      "kind": {"type": "string", "enum": ["cat", "dog"]},
+                      "age": {"type": "integer", "minimum": 0, "maximum": 30}}}
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=12)
+    kind: Literal["cat", "dog"]
+    age: int
+
+
+def test_response_format_on_chat_and_completions(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK_PET, temperature=1.0, seed=5, max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": PET}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), PET)
+    r = client.completions.create(model=MODEL, prompt="A pet, as JSON:", max_tokens=80,
+                                  temperature=0, extra_body={"response_format": {
+                                      "type": "json_schema", "json_schema": {"schema": PET}}})
+    jsonschema.validate(json.loads(r.choices[0].text), PET)
+    r = client.chat.completions.create(model=MODEL, messages=ASK_PET, temperature=0, max_tokens=60,
+                                       response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.completions.create(model=MODEL, prompt="Code:", max_tokens=20, temperature=0.8,
+                                  seed=2, extra_body={"structured_outputs": {"regex": r"[a-f]{4}-\d\d"}})
+    assert re.fullmatch(r"[a-f]{4}-\d\d", r.choices[0].text)
+    r = client.chat.completions.create(model=MODEL, messages=ASK_PET, max_tokens=5, temperature=0,
+                                       extra_body={"structured_outputs": {"choice": ["cat", "dog"]}})
+    assert r.choices[0].message.content in ("cat", "dog")
+
+
+def test_streamed_constrained_output_reassembles(client):
+    kw = dict(model=MODEL, messages=ASK_PET, temperature=0, max_tokens=80,
+              response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PET}})
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        stream=True, **kw) if c.choices]
+    assert "".join(chunks) == full
+    jsonschema.validate(json.loads(full), PET)
+
+
+def test_openai_parse_with_a_pydantic_model(client):
+    r = client.chat.completions.parse(model=MODEL, messages=ASK_PET, response_format=Pet,
+                                      temperature=0, max_tokens=80)
+    assert isinstance(r.choices[0].message.parsed, Pet)
+    with pytest.raises(openai.LengthFinishReasonError):
+        client.chat.completions.parse(model=MODEL, messages=ASK_PET, response_format=Pet,
+                                      temperature=0, max_tokens=3)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, "uniqueItems"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "unclosed group"),
+    ({"structured_outputs": {"grammar": "start: nowhere"}}, "nowhere"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"structured_outputs": {"json_object": True, "regex": "a"}}, "exactly one"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "not several"),
+])
+def test_unenforceable_constraints_are_400(server, extra, needle):
+    body = {"model": MODEL, "messages": ASK_PET, "max_tokens": 4, **extra}
+    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+    ok = httpx.post(server + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200

@@ -65,6 +65,9 @@ class EngineConfig:
     # would otherwise cost seconds of tokenizing before the max_model_len check refuses it).
     # None: max_model_len x the longest vocabulary entry, which no prompt that fits exceeds.
     max_prompt_chars: int | None = None
+    # Structured outputs: a request whose grammar takes longer than this to compile fails
+    # (others never wait for it: compiles run on their own thread).
+    grammar_compile_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -80,6 +83,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ValueError(f"max_prompt_chars must be at least 1, got {self.max_prompt_chars}.")
+        if not self.grammar_compile_timeout > 0:
+            raise ValueError(f"grammar_compile_timeout must be positive, got "
+                             f"{self.grammar_compile_timeout}.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
         if self.quantization not in QUANTIZATIONS:

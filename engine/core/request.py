@@ -69,6 +69,10 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None  # for queue-time metrics
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of token_ids
+        # Structured outputs: this sequence's grammar matcher (llguidance), set once its
+        # grammar has compiled; it follows committed tokens only, so preemption (which keeps
+        # them) never puts it out of step.
+        self.grammar = None
         limit = sampling_params.max_tokens
         if max_model_len is not None:
             room = max(max_model_len - self.num_prompt_tokens, 1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .structured_outputs import StructuredOutputsParams
+
 MAX_N = 128  # OpenAI's bound on `n`
 MAX_LOGPROBS = 20  # OpenAI's bound on `logprobs` / `top_logprobs`
 MAX_STOP_STRINGS = 64
@@ -47,6 +49,9 @@ class SamplingParams:
     prompt_logprobs: None = None  # accepted for vLLM compatibility; not supported
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The output must match this (JSON schema, JSON object, regex, choice or Lark grammar);
+    # a dict is read as vLLM's structured_outputs field.
+    structured_outputs: StructuredOutputsParams | dict | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +69,8 @@ class SamplingParams:
             raise ValueError("prompt_logprobs is not supported.")
         self._stop = self._check_stop()
         self.stop_token_ids = self._check_stop_token_ids()
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
 
     def _check_ints(self) -> None:
         bounds = {  # name: (lowest, highest, may be None)

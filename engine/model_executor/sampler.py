@@ -1,7 +1,7 @@
 """Batched sampling for requests with different settings in one step.
 
-Order per row: penalties and min_tokens on the raw logits -> greedy argmax, or
-temperature -> top-k / top-p / min-p filtering -> a draw. A draw is one uniform number per
+Order per row: the grammar mask (constrained rows) -> penalties and min_tokens -> greedy
+argmax, or temperature -> top-k / top-p / min-p filtering -> a draw. A draw is one uniform number per
 row pushed through the row's CDF (cumsum + binary search), so a seeded request's draw
 comes from its own generator and its output does not depend on what else is in the batch.
 (The exponential race, argmax of p / Exp(1) noise, needs a random number per vocabulary
@@ -37,6 +37,9 @@ class Sampler:
         raw_logprobs = None
         if any(r.sampling_params.logprobs is not None for r in reqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
+        grammar_rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if grammar_rows:
+            apply_grammar_masks(logits, [reqs[i].grammar for i in grammar_rows], grammar_rows)
         logits = self._apply_penalties(logits, reqs)
         tokens = self._sample(logits, reqs, generators)
         token_list = tokens.tolist()
@@ -55,7 +58,11 @@ class Sampler:
             if req.num_output_tokens < params.min_tokens:
                 banned = [t for t in (*req.eos_token_ids, *params.stop_token_ids)
                           if t < self.vocab_size]
-                logits[i, banned] = float("-inf")
+                row = logits[i].index_fill(0, torch.tensor(banned, dtype=torch.long,
+                                                           device=logits.device), float("-inf"))
+                # A grammar that allows only the end may not be overruled into no token.
+                if req.grammar is None or torch.isfinite(row).any():
+                    logits[i] = row
         return logits
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
@@ -90,6 +97,28 @@ class Sampler:
         picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
         greedy[rows] = picks.clamp_(max=cdf.shape[1] - 1)
         return greedy
+
+
+def apply_grammar_masks(logits: torch.Tensor, matchers: list, rows: list[int]) -> None:
+    """Set the logits of tokens each row's grammar forbids to -inf (in place). A matcher in
+    an error state, or a mask that leaves no token, fails its request (never a silently
+    unconstrained draw)."""
+    import llguidance.torch as llt
+
+    vocab = logits.shape[1]
+    words = (vocab + 31) // 32
+    bitmask = torch.empty((len(rows), words), dtype=torch.int32)
+    for j, m in enumerate(matchers):
+        if m.is_error():
+            raise RuntimeError(f"grammar matcher in an error state: {m.get_error()}")
+        llt.fill_next_token_bitmask(m, bitmask, j)
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)[:, :vocab]
+    index = torch.tensor(rows, device=logits.device)
+    masked = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    if not torch.isfinite(masked).any(dim=-1).all():
+        raise RuntimeError("the grammar allows no token at this position")
+    logits[index] = masked
 
 
 def _penalize(row: torch.Tensor, req: Request, vocab_size: int) -> torch.Tensor:

@@ -45,7 +45,9 @@ _FLAG_OF = {"finish_reason": "return_finish_reason",
 # Request parameters that belong to the protocol, not to sampling.
 _RESERVED = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
              "binary_data_output", "headers"}
-SAMPLING_KEYS = {**P.SAMPLING_FIELDS, "max_tokens": "int", "logprobs": "int"}
+SAMPLING_KEYS = {**P.SAMPLING_FIELDS, "max_tokens": "int", "logprobs": "int",
+                 "structured_outputs": "structured", "guided_decoding": "structured",
+                 "response_format": "structured"}
 DEFAULT_MAX_TOKENS = 16  # vLLM's SamplingParams default, which the vLLM backend inherits
 
 
@@ -107,6 +109,7 @@ def parse_job(tensors: list[Tensor], parameters: dict, requested: list[str] | No
     if "sampling_parameters" in by_name:
         fields.update(_json_params(by_name["sampling_parameters"].data[0]))
     kwargs = _sampling_kwargs(fields)
+    kwargs.update(_structured(kwargs))
     user_logprobs = kwargs.get("logprobs") is not None
     outputs = _outputs(requested, {o for o, f in _FLAG_OF.items() if flag(f)})
     if "cumulative_logprob" in outputs and not user_logprobs:
@@ -143,10 +146,30 @@ def _sampling_kwargs(fields: dict) -> dict:
     return kwargs
 
 
+def _structured(kwargs: dict) -> dict:
+    """structured_outputs / guided_decoding (vLLM) / response_format (OpenAI) -> one
+    StructuredOutputsParams, checked like the OpenAI routes do."""
+    given = {k: kwargs.pop(k) for k in ("structured_outputs", "guided_decoding",
+                                        "response_format") if k in kwargs}
+    if not given:
+        return {}
+    if len(given) > 1:
+        raise V2Error.bad(f"give one of {', '.join(given)}, not several")
+    (name, value), = given.items()
+    body = {"structured_outputs" if name == "guided_decoding" else name: value}
+    if name == "guided_decoding":
+        body["structured_outputs"] = {k: v for k, v in value.items() if k != "backend"}
+    try:
+        constraint, _ = P.structured_outputs(body)
+    except P.APIError as e:
+        raise V2Error.bad(f"sampling_parameters: {e.message}") from e
+    return {"structured_outputs": constraint} if constraint is not None else {}
+
+
 def _coerce(key: str, kind: str, value):
     def fail():
-        return V2Error.bad(f"sampling parameter '{key}' must be {kind.replace('_', ' ')}, "
-                           f"got {value!r:.80}")
+        what = "an object (or its JSON text)" if kind == "structured" else kind.replace("_", " ")
+        return V2Error.bad(f"sampling parameter '{key}' must be {what}, got {value!r:.80}")
     if kind == "int":
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -173,6 +196,14 @@ def _coerce(key: str, kind: str, value):
     elif kind == "str_or_list":
         if not (isinstance(value, str) or (isinstance(value, list)
                                            and all(isinstance(s, str) for s in value))):
+            raise fail()
+    elif kind == "structured":  # an object, or its JSON text (as the vLLM backend takes)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise fail() from None
+        if not isinstance(value, dict):
             raise fail()
     elif kind == "int_list":
         if not (isinstance(value, list) and all(

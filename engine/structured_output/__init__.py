@@ -1,0 +1,1 @@
+"""Constrained decoding: grammars (llguidance) that mask each constrained row's logits."""
