@@ -186,3 +186,27 @@ def test_a_compile_past_its_limit_fails_only_that_request(smol_llm, monkeypatch)
     assert done["ok"].outputs[0].finish_reason == "length"
     assert_no_leak(engine)
     time.sleep(1.0)  # let the slow compile finish before the patch is undone
+
+
+def test_mask_allows_exactly_the_grammars_next_tokens(smol_llm):
+    """The sampler's mask against a brute-force oracle: a token is allowed iff its text is
+    a non-empty prefix of a choice; after a whole choice, only the end of sequence."""
+    import torch
+
+    from engine.model_executor.sampler import apply_grammar_masks
+
+    engine = smol_llm.engine
+    proto = engine.grammars.compile(constrained(choice=["yes", "no"]))
+    tok = engine.tokenizer
+    vocab = engine.model_config.vocab_size
+    m = proto.deep_copy()
+    logits = torch.zeros(2, vocab)
+    apply_grammar_masks(logits, [m], [1])  # row 0 is unconstrained and stays so
+    allowed = set(torch.isfinite(logits[1]).nonzero().flatten().tolist())
+    expected = {t for t in range(len(tok)) if (s := tok.decode([t]))
+                and any(c.startswith(s) for c in ("yes", "no"))}
+    assert allowed == expected and torch.isfinite(logits[0]).all()
+    assert m.consume_tokens(tok.encode("yes", add_special_tokens=False))
+    logits = torch.zeros(1, vocab)
+    apply_grammar_masks(logits, [m], [0])
+    assert set(torch.isfinite(logits[0]).nonzero().flatten().tolist()) <= set(engine.eos_token_ids)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..core import faults
@@ -112,10 +113,13 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: list, rows: list[int]) -
         if m.is_error():
             raise RuntimeError(f"grammar matcher in an error state: {m.get_error()}")
         llt.fill_next_token_bitmask(m, bitmask, j)
-    shifts = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)[:, :vocab]
+    # bit t of the row's bitmask (little-endian words) allows token t
+    blocked = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little",
+                            count=vocab)
+    np.logical_not(blocked, out=blocked)
     index = torch.tensor(rows, device=logits.device)
-    masked = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+    masked = logits[index].masked_fill_(torch.from_numpy(blocked.view(np.bool_)).to(logits.device),
+                                        float("-inf"))
     if not torch.isfinite(masked).any(dim=-1).all():
         raise RuntimeError("the grammar allows no token at this position")
     logits[index] = masked
