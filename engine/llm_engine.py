@@ -129,6 +129,8 @@ class LLMEngine:
         if params.top_k > vocab:
             raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), "
                              f"got {params.top_k}.")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias holds token ids outside the vocabulary [0, {vocab}).")
         if params.structured_outputs is not None and self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer (skip_tokenizer_init=True).")
 

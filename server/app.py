@@ -92,6 +92,8 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/tokenize", api.tokenize, methods=["POST"]),
+        Route("/detokenize", api.detokenize, methods=["POST"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_endpoint, methods=["GET"]),
         Route("/version", api.version, methods=["GET"]),
@@ -161,7 +163,8 @@ class _API:
     # ---- plumbing ----------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
         key = self.settings.api_key
-        if key is None or not request.url.path.startswith(("/v1/", "/v2/models", "/v2/repository")):
+        if key is None or not request.url.path.startswith(
+                ("/v1/", "/v2/models", "/v2/repository", "/tokenize", "/detokenize")):
             return
         given = request.headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
@@ -265,6 +268,43 @@ class _API:
                 s.close()
             if outcome != "ok":
                 self.metrics.requests.labels(outcome, "openai").inc()
+
+    @_guarded
+    async def tokenize(self, request: Request):
+        """vLLM's /tokenize: a prompt, or chat messages through the template, to token ids."""
+        body = await self.read_json(request)
+        self.check_model(P.field(body, "model", "str"))
+        special = P.field(body, "add_special_tokens", "bool", True)
+        if "messages" in body:
+            req = P.parse_chat({**body, "max_tokens": 1}, self.tokenizer,
+                               self.settings.trust_request_chat_template,
+                               self.engine.engine.max_prompt_chars)
+            job = req.prompts[0]
+        else:
+            text = P.field(body, "prompt", "str")
+            if text is None:
+                raise P.bad_field("prompt", "'prompt' (a string) or 'messages' is required.")
+            def job():
+                self.engine.engine.check_prompt_chars(len(text))
+                return {"prompt_token_ids": self.tokenizer.encode(text,
+                                                                  add_special_tokens=special)}
+        ids = (await self.gateway.run_prep(job))["prompt_token_ids"]
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.engine.max_model_len,
+                             "tokens": ids})
+
+    @_guarded
+    async def detokenize(self, request: Request):
+        body = await self.read_json(request)
+        self.check_model(P.field(body, "model", "str"))
+        ids = P.field(body, "tokens", "int_list")
+        if ids is None:
+            raise P.bad_field("tokens", "'tokens' (a list of token ids) is required.")
+        vocab = self.engine.engine.model_config.vocab_size
+        if len(ids) > self.engine.engine.max_model_len or any(not 0 <= t < vocab for t in ids):
+            raise P.bad_field("tokens", f"'tokens' must be at most max_model_len ids in "
+                                        f"[0, {vocab}).")
+        text = await self.gateway.run_prep(lambda: self.tokenizer.decode(ids))
+        return JSONResponse({"prompt": text})
 
     async def models(self, request: Request):
         try:

@@ -12,6 +12,10 @@ from . import protocol as P
 from .metrics import Metrics
 
 
+# SamplingParams fields that LLMEngine.check_params judges against the loaded model
+_MODEL_CHECKED = {"top_k", "logit_bias"}
+
+
 class Gateway:
     def __init__(self, async_engine: AsyncLLMEngine, prepare_timeout: float) -> None:
         self.engine = async_engine
@@ -43,8 +47,9 @@ class Gateway:
                                       f"{self.prepare_timeout}s; retry later",
                                  "server_overloaded", param=name,
                                  headers={"Retry-After": "1"}) from e
-            except ValueError as e:
-                raise P.bad_field(name, str(e)) from e
+            except ValueError as e:  # the prompt's fault, or a field only the model can judge
+                field = str(e).split(" ", 1)[0]
+                raise P.bad_field(field if field in _MODEL_CHECKED else name, str(e)) from e
         if params.structured_outputs is not None:
             await self._compile(params.structured_outputs)
         try:
@@ -71,6 +76,20 @@ class Gateway:
         except TimeoutError as e:
             raise P.APIError(400, f"compiling the grammar took over "
                                   f"{engine.config.grammar_compile_timeout}s") from e
+        except ValueError as e:
+            raise P.APIError(400, str(e)) from e
+
+    async def run_prep(self, fn):
+        """fn() on the preparation thread (tokenizers are not shared between threads), with
+        the same time bound as a prompt's preparation."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.prepare_timeout):
+                return await loop.run_in_executor(self.prep_pool, fn)
+        except TimeoutError as e:
+            raise P.APIError(503, f"preparing the request took over {self.prepare_timeout}s; "
+                                  "retry later", "server_overloaded",
+                             headers={"Retry-After": "1"}) from e
         except ValueError as e:
             raise P.APIError(400, str(e)) from e
 

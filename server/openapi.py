@@ -69,6 +69,12 @@ SCHEMAS: dict = {
             "min_tokens": _int("At most max_tokens.", minimum=0),
             "skip_special_tokens": _bool(),
             "include_stop_str_in_output": _bool(),
+            "logit_bias": {"type": "object", "nullable": True, "maxProperties": 1024,
+                           "additionalProperties": {"type": "number", "minimum": -100,
+                                                    "maximum": 100},
+                           "description": "Token id (as a string key) -> bias added to its "
+                                          "logit; -100 bans, +100 forces."},
+            "best_of": _int("Only 1 (or null) is accepted.", minimum=1, maximum=1),
             "response_format": {
                 "type": "object", "nullable": True, "required": ["type"],
                 "description": "OpenAI: text, json_object, or json_schema "
@@ -89,7 +95,8 @@ SCHEMAS: dict = {
         },
     },
     "StreamOptions": {"type": "object", "nullable": True,
-                      "properties": {"include_usage": _bool()}},
+                      "properties": {"include_usage": _bool(),
+                                     "continuous_usage_stats": _bool("Usage on every chunk.")}},
     "Prompt": {
         "description": "A string, strings, token ids, or lists of token ids (one request each).",
         "oneOf": [
@@ -318,6 +325,28 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
                                                    "Completion", "optional")},
         "/v1/models": {"get": _get("The served model.",
                                    _json(_ref("ModelList"), "One model."), "401", secured=True)},
+        "/tokenize": {"post": {
+            "summary": "vLLM's /tokenize: a prompt, or chat messages through the template.",
+            "security": [{"bearerAuth": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "model": {"type": "string", "nullable": True},
+                    "prompt": {"type": "string"},
+                    "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+                    "add_special_tokens": _bool(), "add_generation_prompt": _bool()}}}}},
+            "responses": {"200": _json({"type": "object", "properties": {
+                "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+                "tokens": {"type": "array", "items": {"type": "integer"}}}}, "Token ids."),
+                **_errors("400", "401", "404", "503")}}},
+        "/detokenize": {"post": {
+            "summary": "vLLM's /detokenize: token ids to text.",
+            "security": [{"bearerAuth": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["tokens"], "properties": {
+                    "model": {"type": "string", "nullable": True},
+                    "tokens": {"type": "array", "items": _TOKEN_ID}}}}}},
+            "responses": {"200": _json({"type": "object", "properties": {
+                "prompt": {"type": "string"}}}, "Text."), **_errors("400", "401", "404", "503")}}},
         "/health": {"get": health},
         "/metrics": {"get": _get("Prometheus metrics.", {
             "description": "Prometheus text format.",

@@ -123,6 +123,18 @@ def structured_outputs(body: dict):
         raise bad_field(name, str(e)) from e
 
 
+def logit_bias(value: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings) -> int keys."""
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise bad_field("logit_bias", f"logit_bias keys must be token ids, got {key!r:.40}.") from None
+        out[token] = bias
+    return out
+
+
 def _response_format(rf: dict):
     kind = rf.get("type")
     if kind == "text":
@@ -147,23 +159,31 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) ->
     if max_tokens is not None and max_tokens < 1:
         raise bad_field("max_tokens", f"'max_tokens' must be at least 1, got {max_tokens}.")
     constraint, _ = structured_outputs(body)
+    bias = field(body, "logit_bias", "dict")
+    if bias is not None:
+        kwargs["logit_bias"] = logit_bias(bias)
+    best_of = field(body, "best_of", "int")
+    if best_of not in (None, 1):  # accepted for compatibility only as what n already does
+        raise bad_field("best_of", f"best_of > 1 is not supported (got {best_of}); use n.")
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
                               structured_outputs=constraint, **kwargs)
     except ValueError as e:
         name = str(e).split(" ", 1)[0]
-        raise bad_field(name if name in SAMPLING_FIELDS or name in ("max_tokens", "logprobs") else None,
-                        str(e)) from e
+        known = name in SAMPLING_FIELDS or name in ("max_tokens", "logprobs", "logit_bias")
+        raise bad_field(name if known else None, str(e)) from e
 
 
 @dataclass
 class StreamOptions:
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far on every chunk
 
 
 def stream_options(body: dict) -> StreamOptions:
     opts = field(body, "stream_options", "dict", {})
-    return StreamOptions(bool(field(opts, "include_usage", "bool", False)))
+    return StreamOptions(bool(field(opts, "include_usage", "bool", False)),
+                         bool(field(opts, "continuous_usage_stats", "bool", False)))
 
 
 def completion_prompts(body: dict) -> list:

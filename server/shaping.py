@@ -16,6 +16,7 @@ class Shaper:
         self.created = P.now()
         self.model = model
         self.states: dict[tuple[int, int], ChoiceState] = {}
+        self.latest: dict[int, object] = {}  # prompt index -> its newest output
 
     def index(self, prompt_idx: int, child_idx: int) -> int:
         return prompt_idx * self.params.n + child_idx
@@ -32,7 +33,9 @@ class Shaper:
     def chunk(self, choices: list, opts: P.StreamOptions) -> dict:
         out = {"id": self.id, "object": self.object_chunk, "created": self.created,
                "model": self.model, "choices": choices}
-        if opts.include_usage:
+        if opts.continuous_usage_stats:
+            out["usage"] = self.usage(list(self.latest.values()))
+        elif opts.include_usage:
             out["usage"] = None
         return out
 
@@ -44,6 +47,7 @@ class Shaper:
         return []
 
     def delta_chunks(self, prompt_idx: int, out, opts):
+        self.latest[prompt_idx] = out
         for c in out.outputs:
             state = self.states.setdefault((prompt_idx, c.index), ChoiceState())
             if state.done:

@@ -274,3 +274,13 @@ def test_sampling_parameters_carry_structured_outputs_as_the_vllm_backend_does()
         {}, None, False, match="exactly one")
     bad(contract.parse_job, [text("a"), sampling({"structured_outputs": "{not json"})], {}, None,
         False, match="'structured_outputs' must be an object")
+
+
+def test_sampling_parameters_logit_bias():
+    job = contract.parse_job([text("a"), sampling({"logit_bias": {"5": -100, "7": 2.5}})],
+                             {}, None, False)
+    assert job.params.logit_bias == {5: -100.0, 7: 2.5}
+    bad(contract.parse_job, [text("a"), sampling({"logit_bias": {"five": 1}})], {}, None, False,
+        match="logit_bias keys must be token ids")
+    bad(contract.parse_job, [text("a"), sampling({"logit_bias": {"5": 500}})], {}, None, False,
+        match="logit_bias values must be in [-100, 100]")

@@ -377,3 +377,65 @@ def test_unenforceable_constraints_are_400(server, extra, needle):
     ok = httpx.post(server + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
                     json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+# ---- logit_bias, best_of, continuous usage, /tokenize and /detokenize ---------------------
+def test_logit_bias_bans_and_forces(client, smol_llm):
+    prompt = "The capital of France is"
+    greedy = smol_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1),
+                               use_tqdm=False)[0].outputs[0].token_ids[0]
+    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                       logprobs=1, logit_bias={str(greedy): -100})
+    assert banned.choices[0].logprobs.tokens[0] != smol_llm.tokenizer.decode([greedy])
+    forced = smol_llm.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=1.0,
+                                  seed=1, logit_bias={str(forced): 100})
+    assert r.choices[0].text == smol_llm.tokenizer.decode([forced]) * 3
+    engine = smol_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3,
+                                                      logit_bias={forced: 100}), use_tqdm=False)
+    assert engine[0].outputs[0].token_ids == [forced] * 3
+    for bad in ({"x": 1}, {"5": 101}, {"99999999": 1}, {"5": "high"}):
+        r = httpx.post(server_url(client) + "/completions", timeout=30, headers=auth(),
+                       json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "logit_bias": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (bad, r.text)
+
+
+def server_url(client) -> str:
+    return str(client.base_url).rstrip("/")
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_best_of_and_continuous_usage_stats(client):
+    ok = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, best_of=1)
+    assert ok.choices[0].text is not None
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, best_of=2)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    usages = [c.usage for c in chunks]
+    assert all(u is not None for u in usages)
+    counts = [u.completion_tokens for u in usages]
+    assert counts == sorted(counts) and counts[-1] == 6 and usages[-1].prompt_tokens > 0
+
+
+def test_tokenize_and_detokenize(server, smol_llm):
+    tok = smol_llm.tokenizer
+    r = httpx.post(server + "/tokenize", headers=auth(), timeout=30,
+                   json={"model": MODEL, "prompt": "Hello world"})
+    assert r.json() == {"count": len(tok.encode("Hello world")), "tokens": tok.encode("Hello world"),
+                        "max_model_len": smol_llm.engine.max_model_len}
+    r = httpx.post(server + "/tokenize", headers=auth(), timeout=30,
+                   json={"model": MODEL, "messages": HELLO})
+    assert r.json()["tokens"] == smol_llm.render_chat(HELLO)["prompt_token_ids"]
+    r = httpx.post(server + "/detokenize", headers=auth(), timeout=30,
+                   json={"model": MODEL, "tokens": tok.encode("Hello world")})
+    assert r.json() == {"prompt": "Hello world"}
+    assert httpx.post(server + "/detokenize", headers=auth(), timeout=30,
+                      json={"tokens": [10 ** 9]}).status_code == 400
+    assert httpx.post(server + "/tokenize", timeout=30, json={"prompt": "x"}).status_code == 401
+    assert httpx.post(server + "/tokenize", headers=auth(), timeout=30,
+                      json={"model": "nope", "prompt": "x"}).status_code == 404

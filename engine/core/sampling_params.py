@@ -18,6 +18,8 @@ MAX_LOGPROBS = 20  # OpenAI's bound on `logprobs` / `top_logprobs`
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 MAX_TEMPERATURE = 100.0
 # Below this a temperature is greedy: dividing fp32 logits by it would overflow (1e-50 is
 # 0.0 in fp32) long before the draw could differ from the argmax. vLLM uses the same 1e-5.
@@ -52,6 +54,8 @@ class SamplingParams:
     # The output must match this (JSON schema, JSON object, regex, choice or Lark grammar);
     # a dict is read as vLLM's structured_outputs field.
     structured_outputs: StructuredOutputsParams | dict | None = None
+    # token id -> added to its logit before sampling (OpenAI: -100 bans, +100 forces)
+    logit_bias: dict[int, float] | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,7 @@ class SamplingParams:
         self.stop_token_ids = self._check_stop_token_ids()
         if self.structured_outputs is not None:
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        self.logit_bias = self._check_logit_bias()
 
     def _check_ints(self) -> None:
         bounds = {  # name: (lowest, highest, may be None)
@@ -131,6 +136,25 @@ class SamplingParams:
         if any(not 0 <= t <= INT64_MAX for t in ids):
             raise ValueError("stop_token_ids must be non-negative token ids.")
         return ids
+
+    def _check_logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError("logit_bias must map token ids to numbers.")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, "
+                             f"got {len(self.logit_bias)}.")
+        lo, hi = LOGIT_BIAS_RANGE
+        out = {}
+        for token, bias in self.logit_bias.items():
+            if not _is_int(token) or not 0 <= token <= INT64_MAX:
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r:.40}.")
+            value = _finite_float("logit_bias", bias)
+            if not lo <= value <= hi:
+                raise ValueError(f"logit_bias values must be in [{lo:g}, {hi:g}], got {value:g}.")
+            out[token] = value
+        return out or None
 
     @property
     def stop_strings(self) -> list[str]:

@@ -1,6 +1,7 @@
 """Batched sampling for requests with different settings in one step.
 
-Order per row: the grammar mask (constrained rows) -> penalties and min_tokens -> greedy
+Order per row: the grammar mask (constrained rows) -> logit_bias -> penalties and
+min_tokens -> greedy
 argmax, or temperature -> top-k / top-p / min-p filtering -> a draw. A draw is one uniform number per
 row pushed through the row's CDF (cumsum + binary search), so a seeded request's draw
 comes from its own generator and its output does not depend on what else is in the batch.
@@ -54,6 +55,10 @@ class Sampler:
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         for i, req in enumerate(reqs):
             params = req.sampling_params
+            if params.logit_bias:
+                ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+                logits[i].index_add_(0, ids, torch.tensor(list(params.logit_bias.values()),
+                                                         dtype=logits.dtype, device=logits.device))
             if params.needs_penalties:
                 logits[i] = _penalize(logits[i], req, self.vocab_size)
             if req.num_output_tokens < params.min_tokens:

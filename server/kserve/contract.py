@@ -47,7 +47,7 @@ _RESERVED = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeo
              "binary_data_output", "headers"}
 SAMPLING_KEYS = {**P.SAMPLING_FIELDS, "max_tokens": "int", "logprobs": "int",
                  "structured_outputs": "structured", "guided_decoding": "structured",
-                 "response_format": "structured"}
+                 "response_format": "structured", "logit_bias": "structured"}
 DEFAULT_MAX_TOKENS = 16  # vLLM's SamplingParams default, which the vLLM backend inherits
 
 
@@ -110,6 +110,11 @@ def parse_job(tensors: list[Tensor], parameters: dict, requested: list[str] | No
         fields.update(_json_params(by_name["sampling_parameters"].data[0]))
     kwargs = _sampling_kwargs(fields)
     kwargs.update(_structured(kwargs))
+    if "logit_bias" in kwargs:
+        try:
+            kwargs["logit_bias"] = P.logit_bias(kwargs["logit_bias"])
+        except P.APIError as e:
+            raise V2Error.bad(e.message) from e
     user_logprobs = kwargs.get("logprobs") is not None
     outputs = _outputs(requested, {o for o, f in _FLAG_OF.items() if flag(f)})
     if "cumulative_logprob" in outputs and not user_logprobs:
