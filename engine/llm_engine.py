@@ -41,6 +41,7 @@ class _Parent:
     prompt_token_ids: list[int]
     children: list[Request]
     logprobs: list[list] = field(default_factory=list)
+    prompt_logprobs: list | None = None  # vLLM's shape, once the prompt is computed
 
 
 @dataclass
@@ -290,7 +291,7 @@ class LLMEngine:
         rewind = self.runner.generator_states(
             [s.request for s in scheduled if s.samples and not s.request.sampling_params.greedy])
         try:
-            reqs, out = self.runner.execute(SchedulerOutput(scheduled), self.kv_cache)
+            reqs, out, prompt_lps = self.runner.execute(SchedulerOutput(scheduled), self.kv_cache)
         except faults.EngineFatalError:
             raise
         except Exception as e:  # noqa: BLE001 - isolate the request(s) that caused it
@@ -303,6 +304,8 @@ class LLMEngine:
             mid = len(scheduled) // 2
             first, second = self._execute(scheduled[:mid]), self._execute(scheduled[mid:])
             return ({**first[0], **second[0]}, first[1] + second[1], {**first[2], **second[2]})
+        for s in scheduled:  # recorded here: a re-run half computes its own again
+            s.request.prompt_logprobs.extend(prompt_lps.get(s.request.request_id, ()))
         if out is None:
             return {}, [], {}
         sampled = {r.request_id: t for r, t in zip(reqs, out.token_ids)}
@@ -367,9 +370,23 @@ class LLMEngine:
             for req in parent.children:
                 self._drop_child(req)
         first = parent.children[0]
+        if (first.sampling_params.prompt_logprobs is not None and parent.prompt_logprobs is None
+                and not first.needs_prompt_logprobs):
+            parent.prompt_logprobs = self._prompt_logprob_entries(first)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
                              finished, first.num_cached_tokens, first.arrival_time,
-                             first.first_scheduled_time, error)
+                             first.first_scheduled_time, error, parent.prompt_logprobs)
+
+    def _prompt_logprob_entries(self, req: Request) -> list:
+        """[None, {token: Logprob}, ...]: one entry per prompt token, the first has none."""
+        entries: list = [None]
+        for token, (chosen, rank, top_ids, top_vals) in zip(req.prompt_token_ids[1:],
+                                                            req.prompt_logprobs):
+            entry = {token: Logprob(chosen, rank, self._token_text(token))}
+            for r, (tid, val) in enumerate(zip(top_ids, top_vals), start=1):
+                entry.setdefault(tid, Logprob(val, r, self._token_text(tid)))
+            entries.append(entry)
+        return entries
 
     def _drop_child(self, req: Request) -> None:
         self.detokenizers.pop(req.request_id, None)

@@ -42,3 +42,6 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     # Set when the request failed inside a step (finish_reason "error"): what went wrong.
     error: str | None = None
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then per token
+    # {token id: Logprob} (the prompt token and the top-N), as vLLM
+    prompt_logprobs: list | None = None

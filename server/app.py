@@ -212,7 +212,7 @@ class _API:
         rid = P.new_id("cmpl")
         streams = await self.start_streams(rid, req.prompts, req.params)
         shaper = CompletionShaper(self.token_text, self.settings.served_model_name, rid,
-                                  req.params, req.echo)
+                                  req.params, req.echo, req.prompt_logprobs)
         return await self.respond(request, streams, shaper, req)
 
     @_guarded

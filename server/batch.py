@@ -198,7 +198,8 @@ class BatchRunner:
                                     req.params.logprobs or 0)
             else:
                 req = P.parse_completion(body)
-                shaper = CompletionShaper(self.token_text, self.model_name, rid, req.params, req.echo)
+                shaper = CompletionShaper(self.token_text, self.model_name, rid, req.params, req.echo,
+                                          req.prompt_logprobs)
             checked = [self._validate(i, p, req) for i, p in enumerate(req.prompts)]
         except P.APIError as e:
             self.finish_line(item.custom_id, e.status, e.body(), rid)

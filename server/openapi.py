@@ -75,6 +75,9 @@ SCHEMAS: dict = {
                            "description": "Token id (as a string key) -> bias added to its "
                                           "logit; -100 bans, +100 forces."},
             "best_of": _int("Only 1 (or null) is accepted.", minimum=1, maximum=1),
+            "prompt_logprobs": _int("vLLM: top-N logprobs at every prompt position (the "
+                                    "request then computes its whole prompt).",
+                                    minimum=0, maximum=20),
             "response_format": {
                 "type": "object", "nullable": True, "required": ["type"],
                 "description": "OpenAI: text, json_object, or json_schema "

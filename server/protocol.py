@@ -150,8 +150,11 @@ def _response_format(rf: dict):
                      f"got {kind!r:.60}.")
 
 
-def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     kwargs = {}
+    if prompt_logprobs is not None:
+        kwargs["prompt_logprobs"] = prompt_logprobs
     for name, kind in SAMPLING_FIELDS.items():
         value = field(body, name, kind)
         if value is not None:
@@ -170,7 +173,8 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) ->
                               structured_outputs=constraint, **kwargs)
     except ValueError as e:
         name = str(e).split(" ", 1)[0]
-        known = name in SAMPLING_FIELDS or name in ("max_tokens", "logprobs", "logit_bias")
+        known = name in SAMPLING_FIELDS or name in ("max_tokens", "logprobs", "logit_bias",
+                                                    "prompt_logprobs")
         raise bad_field(name if known else None, str(e)) from e
 
 
@@ -214,6 +218,14 @@ class ParsedRequest:
     stream: bool = False
     stream_options: StreamOptions = None
     echo: bool = False
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field was asked for
+
+
+def _prompt_logprobs(body: dict) -> int | None:
+    value = field(body, "prompt_logprobs", "int")
+    if value is not None and not 0 <= value <= 20:
+        raise bad_field("prompt_logprobs", "'prompt_logprobs' must be between 0 and 20.")
+    return value
 
 
 def parse_completion(body: dict) -> ParsedRequest:
@@ -221,9 +233,14 @@ def parse_completion(body: dict) -> ParsedRequest:
     logprobs = field(body, "logprobs", "int")
     if logprobs is not None and not 0 <= logprobs <= 20:
         raise bad_field("logprobs", "'logprobs' must be between 0 and 20.")
-    params = sampling_params(body, field(body, "max_tokens", "int", 16), logprobs)
+    echo = field(body, "echo", "bool", False)
+    asked = _prompt_logprobs(body)
+    prompt_lp = asked
+    if echo and logprobs is not None:  # the echoed prompt's tokens get logprobs too
+        prompt_lp = max(asked or 0, logprobs)
+    params = sampling_params(body, field(body, "max_tokens", "int", 16), logprobs, prompt_lp)
     return ParsedRequest(prompts, params, field(body, "stream", "bool", False),
-                         stream_options(body), field(body, "echo", "bool", False))
+                         stream_options(body), echo, asked is not None)
 
 
 # apply_chat_template's own parameters: a client passing them through chat_template_kwargs
@@ -272,9 +289,10 @@ def parse_chat(body: dict, tokenizer, trust_request_template: bool = False,
     if top and not want_logprobs:
         raise bad_field("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
     max_tokens = field(body, "max_completion_tokens", "int", field(body, "max_tokens", "int"))
-    params = sampling_params(body, max_tokens, (top or 0) if want_logprobs else None)
+    asked = _prompt_logprobs(body)
+    params = sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, asked)
     return ParsedRequest([render], params, field(body, "stream", "bool", False),
-                         stream_options(body))
+                         stream_options(body), prompt_logprobs=asked is not None)
 
 
 def _render(tokenizer, messages, add_generation_prompt, kwargs, max_chars) -> dict:
@@ -338,6 +356,32 @@ def _byte_decoder() -> dict[str, int]:
 
 def _ranked(entry: dict, n: int):
     return sorted(((tid, lp) for tid, lp in entry.items() if lp.rank <= n), key=lambda x: x[1].rank)
+
+
+def vllm_prompt_logprobs(entries: list | None) -> list | None:
+    """vLLM's prompt_logprobs: None, then per prompt token {id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in entries]
+
+
+def echo_logprobs(tt: TokenText, prompt_ids: list[int], entries: list | None,
+                  top_n: int) -> dict:
+    """The echoed prompt's part of completions logprobs (the first token has none)."""
+    tokens, values, tops, offsets, offset = [], [], [], [], 0
+    for k, tid in enumerate(prompt_ids):
+        text = tt.text(tid)
+        entry = entries[k] if entries is not None and k < len(entries) else None
+        tokens.append(text)
+        values.append(None if entry is None else entry[tid].logprob)
+        tops.append(None if entry is None else
+                    {tt.text(t): v.logprob for t, v in _ranked(entry, top_n)})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+            "text_offset": offsets}
 
 
 def chat_logprobs(tt: TokenText, token_ids: list[int], entries: list[dict], top_n: int) -> dict:

@@ -67,9 +67,10 @@ class Shaper:
 class CompletionShaper(Shaper):
     object_full = object_chunk = "text_completion"
 
-    def __init__(self, token_text, model, request_id, params, echo: bool) -> None:
+    def __init__(self, token_text, model, request_id, params, echo: bool,
+                 prompt_logprobs: bool = False) -> None:
         super().__init__(token_text, model, request_id, params, params.logprobs or 0)
-        self.echo = echo
+        self.echo, self.prompt_logprobs = echo, prompt_logprobs
 
     def prompt_text(self, out) -> str:
         if out.prompt is not None:
@@ -82,23 +83,43 @@ class CompletionShaper(Shaper):
         return P.completion_logprobs(self.token_text, c.token_ids[start:],
                                      c.logprobs[start:], self.top_n, offset)
 
+    def with_echo(self, logprobs: dict | None, out) -> dict | None:
+        """Completion logprobs with the echoed prompt's tokens in front."""
+        if logprobs is None:
+            return None
+        head = P.echo_logprobs(self.token_text, out.prompt_token_ids, out.prompt_logprobs,
+                               self.top_n)
+        shift = sum(len(t) for t in head["tokens"])
+        return {"tokens": head["tokens"] + logprobs["tokens"],
+                "token_logprobs": head["token_logprobs"] + logprobs["token_logprobs"],
+                "top_logprobs": head["top_logprobs"] + logprobs["top_logprobs"],
+                "text_offset": head["text_offset"] + [o + shift for o in logprobs["text_offset"]]}
+
     def full_response(self, finals) -> dict:
         choices = []
         for p, f in enumerate(finals):
             prefix = self.prompt_text(f) if self.echo else ""
             for c in f.outputs:
-                choices.append({"index": self.index(p, c.index), "text": prefix + c.text,
-                                "logprobs": self.logprobs(c, 0, len(prefix)),
-                                "finish_reason": P.finish_reason(c), "stop_reason": c.stop_reason})
+                logprobs = self.logprobs(c, 0, len(prefix))
+                if self.echo:
+                    logprobs = self.with_echo(self.logprobs(c, 0, 0), f)
+                choice = {"index": self.index(p, c.index), "text": prefix + c.text,
+                          "logprobs": logprobs, "finish_reason": P.finish_reason(c),
+                          "stop_reason": c.stop_reason}
+                if self.prompt_logprobs:
+                    choice["prompt_logprobs"] = P.vllm_prompt_logprobs(f.prompt_logprobs)
+                choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         return {"id": self.id, "object": self.object_full, "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage(finals)}
 
     def delta_choice(self, index, c, delta, first, reason, out, state) -> dict:
+        logprobs = self.logprobs(c, first, 0)
         if self.echo and not state.echoed:
             state.echoed = True
             delta = self.prompt_text(out) + delta
-        return {"index": index, "text": delta, "logprobs": self.logprobs(c, first, 0),
+            logprobs = self.with_echo(logprobs, out)
+        return {"index": index, "text": delta, "logprobs": logprobs,
                 "finish_reason": reason, "stop_reason": c.stop_reason if reason else None}
 
 
@@ -116,8 +137,11 @@ class ChatShaper(Shaper):
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": self.logprobs(c, 0), "finish_reason": P.finish_reason(c),
                     "stop_reason": c.stop_reason} for c in f.outputs]
-        return {"id": self.id, "object": self.object_full, "created": self.created,
-                "model": self.model, "choices": choices, "usage": self.usage(finals)}
+        out = {"id": self.id, "object": self.object_full, "created": self.created,
+               "model": self.model, "choices": choices, "usage": self.usage(finals)}
+        if self.params.prompt_logprobs is not None:  # vLLM: top level on chat
+            out["prompt_logprobs"] = P.vllm_prompt_logprobs(f.prompt_logprobs)
+        return out
 
     def opening_chunks(self, opts):
         # OpenAI sends the role first, in its own chunk per choice.

@@ -439,3 +439,30 @@ def test_tokenize_and_detokenize(server, smol_llm):
     assert httpx.post(server + "/tokenize", timeout=30, json={"prompt": "x"}).status_code == 401
     assert httpx.post(server + "/tokenize", headers=auth(), timeout=30,
                       json={"model": "nope", "prompt": "x"}).status_code == 404
+
+
+def test_echo_logprobs_and_prompt_logprobs(client, smol_llm):
+    prompt = "The capital of France is"
+    ref = smol_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, logprobs=2,
+                                                   prompt_logprobs=2), use_tqdm=False)[0]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                  echo=True, logprobs=2, extra_body={"prompt_logprobs": 1})
+    choice = r.choices[0]
+    ids = ref.prompt_token_ids
+    lp = choice.logprobs
+    assert choice.text == prompt + ref.outputs[0].text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.tokens) == len(ids) + 3
+    for k in range(1, len(ids)):  # the echoed prompt's tokens: the engine's prompt logprobs
+        assert lp.token_logprobs[k] == pytest.approx(ref.prompt_logprobs[k][ids[k]].logprob, abs=1e-5)
+    gen = ref.outputs[0]
+    assert lp.token_logprobs[len(ids):] == pytest.approx(
+        [e[t].logprob for t, e in zip(gen.token_ids, gen.logprobs)], abs=1e-5)
+    assert "".join(lp.tokens[len(ids):]) == gen.text
+    vllm_style = choice.model_extra["prompt_logprobs"]
+    assert vllm_style[0] is None and len(vllm_style) == len(ids)
+    assert vllm_style[1][str(ids[1])]["logprob"] == pytest.approx(
+        ref.prompt_logprobs[1][ids[1]].logprob, abs=1e-5)
+    r = httpx.post(server_url(client) + "/completions", headers=auth(), timeout=30,
+                   json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"

@@ -73,6 +73,9 @@ class Request:
         # grammar has compiled; it follows committed tokens only, so preemption (which keeps
         # them) never puts it out of step.
         self.grammar = None
+        # prompt_logprobs: entry k is for prompt token k + 1 (predicted at position k), as
+        # (logprob, rank, top ids, top logprobs); filled as the prefill chunks run
+        self.prompt_logprobs: list[tuple] = []
         limit = sampling_params.max_tokens
         if max_model_len is not None:
             room = max(max_model_len - self.num_prompt_tokens, 1)
@@ -94,6 +97,12 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions whose logprobs are still owed (the first child only)."""
+        return (self.sampling_params.prompt_logprobs is not None and self.index == 0
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def is_finished(self) -> bool:

@@ -48,7 +48,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token (plus the sampled one)
-    prompt_logprobs: None = None  # accepted for vLLM compatibility; not supported
+    # top-N logprobs at every prompt position (plus the prompt token's own); vLLM's field.
+    # The first child of such a request computes its whole prompt (no prefix-cache hits).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # The output must match this (JSON schema, JSON object, regex, choice or Lark grammar);
@@ -69,8 +71,6 @@ class SamplingParams:
         if self.seed is not None and self.seed + self.n - 1 > SEED_RANGE[1]:
             raise ValueError(f"seed + n - 1 must be at most {SEED_RANGE[1]} (each of the n "
                              f"completions is seeded with seed + its index), got {self.seed}.")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported.")
         self._stop = self._check_stop()
         self.stop_token_ids = self._check_stop_token_ids()
         if self.structured_outputs is not None:
@@ -82,6 +82,7 @@ class SamplingParams:
             "n": (1, MAX_N, False), "top_k": (-1, INT64_MAX, False),
             "min_tokens": (0, INT64_MAX, False), "max_tokens": (1, INT64_MAX, True),
             "logprobs": (0, MAX_LOGPROBS, True), "seed": (*SEED_RANGE, True),
+            "prompt_logprobs": (0, MAX_LOGPROBS, True),
         }
         for name, (lo, hi, optional) in bounds.items():
             value = getattr(self, name)

@@ -140,7 +140,9 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.peek()
-            hits, num_hit_tokens = self.kv_cache.get_computed_blocks(req)
+            # prompt_logprobs need every prompt position computed: no prefix-cache hits
+            hits, num_hit_tokens = (([], 0) if req.needs_prompt_logprobs
+                                    else self.kv_cache.get_computed_blocks(req))
             num_new = min(req.num_tokens - num_hit_tokens, budget)
             # Hits still referenced by others cost nothing; unreferenced hits leave the free queue.
             num_blocks_needed = (-(-(num_hit_tokens + num_new) // self.kv_cache.block_size)

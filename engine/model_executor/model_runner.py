@@ -313,7 +313,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager
-                ) -> tuple[list[Request], SamplerOutput | None]:
+                ) -> tuple[list[Request], SamplerOutput | None, dict]:
+        """(the requests that sampled, their SamplerOutput or None, prompt logprobs by
+        request id for the chunks that wanted them)."""
         input_ids, positions, meta, logits_rows, sampling_reqs = self._prepare(sched, kv)
         hidden = None
         if self._graphs and meta.max_query_len == 1:
@@ -323,10 +325,33 @@ class ModelRunner:
             hidden = self._compiled(input_ids, positions, meta)
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        prompt_lps = self._prompt_logprobs(sched, hidden)
         if not sampling_reqs:
-            return [], None
+            return [], None, prompt_lps
         logits = self.model.compute_logits(hidden[logits_rows])
-        return sampling_reqs, self.sampler(logits, sampling_reqs, self.generators)
+        return sampling_reqs, self.sampler(logits, sampling_reqs, self.generators), prompt_lps
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict:
+        """request id -> [(logprob, rank, top ids, top logprobs)] of the prompt tokens this
+        step's chunk predicts (position p predicts token p + 1), for requests that want them."""
+        out, row = {}, 0
+        for s in sched.scheduled:
+            req, start = s.request, s.request.num_computed_tokens
+            first = max(start, len(req.prompt_logprobs))  # after a preemption: no repeats
+            last = min(start + s.num_tokens, req.num_prompt_tokens - 1)  # exclusive
+            if req.needs_prompt_logprobs and first < last:
+                rows = torch.arange(row + first - start, row + last - start, device=hidden.device)
+                logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), -1)
+                targets = torch.tensor(req.token_ids[first + 1:last + 1], device=hidden.device)
+                chosen = logprobs.gather(1, targets[:, None])
+                ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+                n = req.sampling_params.prompt_logprobs
+                top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (None, None)
+                out[req.request_id] = [
+                    (c, r, top_ids[i].tolist() if n else [], top_vals[i].tolist() if n else [])
+                    for i, (c, r) in enumerate(zip(chosen.squeeze(1).tolist(), ranks))]
+            row += s.num_tokens
+        return out
 
     def _prepare(self, sched: SchedulerOutput, kv: KVCacheManager):
         ids: list[int] = []
