@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -90,6 +91,19 @@ tax""".split()
 # ---------------------------------------------------------------------------------------------
 # Requests
 # ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def failures_recorded(res: "RequestResult"):
+    """Every failure is a failed request (its error recorded), never a crash; a cancelled
+    request is recorded and still cancels."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        res.error = "cancelled"
+        raise
+    except Exception as e:  # noqa: BLE001
+        res.error = f"{type(e).__name__}: {e}"
+
+
 @dataclass
 class RequestSpec:
     prompt: str | None            # completions prompt / chat user message
@@ -111,6 +125,16 @@ class RequestResult:
     chunks: int = 0
     start: float = 0.0            # seconds since the benchmark started
     status: int | None = None
+
+    def on_content(self, sent: float, last: float) -> float:
+        """A chunk with content arrived: TTFT for the first, else one ITL gap. Returns now."""
+        now = time.perf_counter()
+        if self.chunks == 0:
+            self.ttft = now - sent
+        else:
+            self.itl.append(now - last)
+        self.chunks += 1
+        return now
 
 
 def sample_len(rng: random.Random, mean: int, ratio: float) -> int:
@@ -264,7 +288,7 @@ async def send_request(client: httpx.AsyncClient, url: str, headers: dict, paylo
     res.start = st - t0
     last = st
     usage_tokens = None
-    try:
+    with failures_recorded(res):
         async with client.stream("POST", url, json=payload, headers=headers) as resp:
             res.status = resp.status_code
             if resp.status_code != 200:
@@ -283,13 +307,7 @@ async def send_request(client: httpx.AsyncClient, url: str, headers: dict, paylo
                     res.error = f"stream error: {json.dumps(chunk['error'])[:500]}"
                     return res
                 if content_of(chunk, endpoint):
-                    now = time.perf_counter()
-                    if res.chunks == 0:
-                        res.ttft = now - st
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    res.chunks += 1
+                    last = res.on_content(st, last)
                 usage = chunk.get("usage")
                 if usage:
                     usage_tokens = usage.get("completion_tokens")
@@ -304,11 +322,6 @@ async def send_request(client: httpx.AsyncClient, url: str, headers: dict, paylo
             res.error = "stream ended without any content"
         else:
             res.success = True
-    except asyncio.CancelledError:
-        res.error = "cancelled"
-        raise
-    except Exception as e:  # noqa: BLE001 - every failure is a failed request, not a crash
-        res.error = f"{type(e).__name__}: {e}"
     return res
 
 
@@ -348,7 +361,7 @@ async def send_triton_grpc(client, args, spec: RequestSpec, t0: float, rid: str)
     async def one_request():
         yield request
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    try:
+    with failures_recorded(res):
         responses = client.stream_infer(one_request(), headers=headers)
         if asyncio.iscoroutine(responses):
             responses = await responses
@@ -361,13 +374,7 @@ async def send_triton_grpc(client, args, spec: RequestSpec, t0: float, rid: str)
                 new = int(result.as_numpy("num_output_tokens")[0])
                 res.prompt_len = int(result.as_numpy("num_input_tokens")[0])
                 if new and result.as_numpy("text_output")[0]:
-                    now = time.perf_counter()
-                    if res.chunks == 0:
-                        res.ttft = now - st
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    res.chunks += 1
+                    last = res.on_content(st, last)
                 res.output_tokens += new
             if resp.parameters["triton_final_response"].bool_param:
                 break
@@ -376,11 +383,6 @@ async def send_triton_grpc(client, args, spec: RequestSpec, t0: float, rid: str)
         res.success = res.chunks > 0
         if not res.success:
             res.error = "stream ended without any content"
-    except asyncio.CancelledError:
-        res.error = "cancelled"
-        raise
-    except Exception as e:  # noqa: BLE001 - every failure is a failed request, not a crash
-        res.error = f"{type(e).__name__}: {e}"
     return res
 
 
@@ -392,18 +394,13 @@ async def send_triton_http(client, args, spec: RequestSpec, t0: float, rid: str)
     st = time.perf_counter()
     res.start = st - t0
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    try:
+    with failures_recorded(res):
         result = await client.infer(args.model, triton_inputs(httpclient, args, spec, False),
                                     request_id=rid, headers=headers)
         res.e2e = res.ttft = time.perf_counter() - st
         res.output_tokens = int(result.as_numpy("num_output_tokens")[0])
         res.prompt_len = int(result.as_numpy("num_input_tokens")[0])
         res.output_tokens_from_usage, res.chunks, res.success = True, 1, True
-    except asyncio.CancelledError:
-        res.error = "cancelled"
-        raise
-    except Exception as e:  # noqa: BLE001 - every failure is a failed request, not a crash
-        res.error = f"{type(e).__name__}: {e}"
     return res
 
 

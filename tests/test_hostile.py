@@ -82,7 +82,7 @@ NESTED_LOOPS = ("{% for i in range(10000) %}{% for j in range(10000) %}x{% endfo
 # (case id, route, JSON body or raw bytes, status, param)
 CASES = [
     ("top_k_2^63", CMPL, {"prompt": "hi", "temperature": 1, "top_k": 2**63}, 400, "top_k"),
-    ("top_k_over_vocab", CMPL, {"prompt": "hi", "temperature": 1, "top_k": 10**6}, 400, "prompt"),
+    ("top_k_over_vocab", CMPL, {"prompt": "hi", "temperature": 1, "top_k": 10**6}, 400, "top_k"),
     ("temperature_huge_int", CMPL, {"prompt": "hi", "temperature": 10**400}, 400, "temperature"),
     ("repetition_penalty_1e400", CMPL, b'{"prompt": "hi", "repetition_penalty": 1e400}', 400,
      "repetition_penalty"),

@@ -47,6 +47,9 @@ def test_json_schema_at_temperature_one_over_20_seeds(smol_llm):
     assert len(finished) >= 18, [o.outputs[0].finish_reason for o in outs]
     for c in finished:
         jsonschema.validate(json.loads(c.text), SCHEMA)
+        # compact: no whitespace between JSON tokens for a model to pad with (a raw newline
+        # or tab can only be free whitespace: inside strings JSON escapes them)
+        assert "\n" not in c.text and "\t" not in c.text and not c.text.startswith(" ")
     assert len({c.text for c in finished}) > 1  # really sampled
     assert_no_leak(smol_llm.engine)
 
