@@ -46,11 +46,13 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None
-             ) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
         """One conversation (list of messages) or several (list of lists), through the
-        tokenizer's chat template."""
+        tokenizer's chat template; ``tools`` (OpenAI function specs) are rendered by it."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        if tools is not None:
+            chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
         prompts = [self.render_chat(c, add_generation_prompt, chat_template_kwargs)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)

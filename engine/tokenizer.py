@@ -1,14 +1,35 @@
 """Tokenizer loading, eos ids and chat message normalization."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+
+_TEMPLATES_DIR = os.path.join(os.path.dirname(__file__), "chat_templates")
+# Chat templates replaced by a shipped one, by the sha256 of their text. SmolLM2-Instruct's
+# own template ignores ``tools`` and fails on ``content: null``; ours renders its
+# function-calling format and is otherwise the same, character for character.
+SHIPPED_TEMPLATES = {
+    "872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788": "smollm2_tools.jinja",
+}
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        shipped = SHIPPED_TEMPLATES.get(hashlib.sha256(template.encode()).hexdigest())
+        if shipped is not None:
+            tokenizer.original_chat_template = template
+            tokenizer.chat_template = shipped_template(shipped)
+    return tokenizer
+
+
+def shipped_template(name: str) -> str:
+    with open(os.path.join(_TEMPLATES_DIR, name), encoding="utf-8") as f:
+        return f.read()
 
 
 def eos_token_ids(model_dir: str, tokenizer) -> frozenset[int]:
@@ -51,7 +72,35 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             content = ""
         elif not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts.")
-        out.append({**m, "content": content})
+        message = {**m, "content": content}
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(i, m)
+        out.append(message)
+    return out
+
+
+def _tool_calls(i: int, m: dict) -> list[dict]:
+    """An assistant turn's OpenAI ``tool_calls``, with each ``function.arguments`` (a JSON
+    string on the wire) as the object that chat templates render."""
+    calls = m["tool_calls"]
+    if m["role"] != "assistant" or not isinstance(calls, list):
+        raise ValueError(f"messages[{i}].tool_calls must be a list, on an assistant message.")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"{where} must be {{'type': 'function', 'function': "
+                             f"{{'name', 'arguments'}}}}.")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError as e:
+                raise ValueError(f"{where}.function.arguments is not valid JSON: {e}") from e
+        if not isinstance(args, dict):
+            raise ValueError(f"{where}.function.arguments must be a JSON object.")
+        out.append({**call, "type": "function", "function": {**fn, "arguments": args}})
     return out
 
 

@@ -30,6 +30,7 @@ from .kserve.http import KServeHTTP
 from .kserve.service import InferService
 from .shaping import ChatShaper, CompletionShaper
 from .streams import ChoiceState, merge
+from .tools.parsers import parser_for
 
 logger = logging.getLogger("kvserve.server")
 _PLAYGROUND = pathlib.Path(__file__).parent / "static" / "playground.html"
@@ -59,6 +60,10 @@ class ServerSettings:
     # gRPC's own default (4 MB) would turn a long prompt into a transport error; past the
     # engine's prompt limits the request gets a clear INVALID_ARGUMENT instead.
     grpc_max_message_bytes: int = 64 << 20
+    # Tool calls: the model's format (auto: read off the chat template; none; hermes;
+    # smollm2) and a chat template to use instead of the tokenizer's (its text).
+    tool_call_parser: str = "auto"
+    chat_template: str | None = None
 
 
 def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlette:
@@ -159,6 +164,10 @@ class _API:
         self.metrics = self.gateway.metrics
         self.tokenizer = self.gateway.tokenizer
         self.token_text = P.TokenText(self.tokenizer)
+        if settings.chat_template is not None and self.tokenizer is not None:
+            self.tokenizer.chat_template = settings.chat_template
+        self.tool_parser = parser_for(settings.tool_call_parser,
+                                      getattr(self.tokenizer, "chat_template", None))
 
     # ---- plumbing ----------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -220,11 +229,11 @@ class _API:
         body = await self.read_json(request)
         self.check_model(P.field(body, "model", "str"))
         req = P.parse_chat(body, self.tokenizer, self.settings.trust_request_chat_template,
-                           self.engine.engine.max_prompt_chars)
+                           self.engine.engine.max_prompt_chars, self.tool_parser)
         rid = P.new_id("chatcmpl")
         streams = await self.start_streams(rid, req.prompts, req.params, "messages")
         shaper = ChatShaper(self.token_text, self.settings.served_model_name, rid, req.params,
-                            req.params.logprobs or 0)
+                            req.params.logprobs or 0, req.tools)
         return await self.respond(request, streams, shaper, req)
 
     async def respond(self, request: Request, streams, shaper, req: P.ParsedRequest):
@@ -278,7 +287,7 @@ class _API:
         if "messages" in body:
             req = P.parse_chat({**body, "max_tokens": 1}, self.tokenizer,
                                self.settings.trust_request_chat_template,
-                               self.engine.engine.max_prompt_chars)
+                               self.engine.engine.max_prompt_chars, self.tool_parser)
             job = req.prompts[0]
         else:
             text = P.field(body, "prompt", "str")

@@ -195,7 +195,7 @@ class BatchRunner:
                 req = P.parse_chat(body, self.engine.tokenizer,
                                    max_chars=self.engine.max_prompt_chars)
                 shaper = ChatShaper(self.token_text, self.model_name, rid, req.params,
-                                    req.params.logprobs or 0)
+                                    req.params.logprobs or 0, req.tools)
             else:
                 req = P.parse_completion(body)
                 shaper = CompletionShaper(self.token_text, self.model_name, rid, req.params, req.echo,

@@ -15,7 +15,8 @@ USAGE = """usage: kvserve serve [--model PATH] [--host H] [--port P] [options]  
 SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requests",
                "request_timeout", "max_body_bytes", "log_level", "body_read_timeout",
                "header_read_timeout", "trust_request_chat_template", "exit_on_engine_death",
-               "engine_death_grace", "grpc_port", "grpc_max_message_bytes")
+               "engine_death_grace", "grpc_port", "grpc_max_message_bytes",
+               "tool_call_parser", "chat_template")
 
 
 PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")  # configs/ links here
@@ -92,6 +93,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="seconds for a request's body to arrive (then 408)")
     p.add_argument("--trust-request-chat-template", action="store_true", default=False,
                    help="let requests bring their own chat_template (code the server runs)")
+    p.add_argument("--tool-call-parser", default="auto",
+                   choices=["auto", "none", "hermes", "smollm2"],
+                   help="how the model writes tool calls (auto: from its chat template)")
+    p.add_argument("--chat-template", help="a Jinja chat template file to use instead of "
+                                           "the tokenizer's")
     p.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death",
                    action="store_false", default=True,
                    help="keep serving 503s if the engine loop dies (default: exit 1 so a "
@@ -154,7 +160,9 @@ def serve(argv: list[str]) -> int:
         exit_on_engine_death_after=(srv.get("engine_death_grace", 2.0)
                                     if srv.get("exit_on_engine_death", True) else None),
         grpc_port=srv.get("grpc_port", 8001) or None, grpc_host=srv.get("host", "127.0.0.1"),
-        grpc_max_message_bytes=srv.get("grpc_max_message_bytes", 64 << 20))
+        grpc_max_message_bytes=srv.get("grpc_max_message_bytes", 64 << 20),
+        tool_call_parser=srv.get("tool_call_parser", "auto"),
+        chat_template=_read_template(srv.get("chat_template")))
     app = build_app(async_engine, settings)
     server = uvicorn.Server(uvicorn.Config(
         app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
@@ -166,6 +174,13 @@ def serve(argv: list[str]) -> int:
         logging.getLogger("kvserve.server").error("exiting with status 1: the engine loop died")
         return 1
     return 0
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def _http_protocol(header_timeout: float | None) -> dict:

@@ -41,6 +41,7 @@ def _json(schema: dict, description: str) -> dict:
 
 _TOKEN_ID = {"type": "integer", "minimum": 0}
 _STOP_STRING = {"type": "string", "minLength": 1, "maxLength": 1024}
+_FN_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
 
 SCHEMAS: dict = {
     # ---- requests ----------------------------------------------------------------------
@@ -134,6 +135,15 @@ SCHEMAS: dict = {
                     "properties": {"type": {"type": "string", "enum": ["text"]},
                                    "text": {"type": "string"}}}},
             ]},
+            "tool_calls": {"type": "array", "nullable": True, "description": "An assistant "
+                           "turn's calls; function.arguments is a JSON object as a string.",
+                           "items": {"type": "object", "required": ["function"], "properties": {
+                               "id": {"type": "string"},
+                               "type": {"type": "string", "enum": ["function"]},
+                               "function": {"type": "object", "required": ["name", "arguments"],
+                                            "properties": {"name": {"type": "string"},
+                                                           "arguments": {"type": "string"}}}}}},
+            "tool_call_id": {"type": "string", "description": "A tool turn's call id."},
         },
     },
     "ChatRequest": {"allOf": [_ref("SamplingFields"), {
@@ -150,8 +160,29 @@ SCHEMAS: dict = {
             "add_generation_prompt": _bool(),
             "chat_template_kwargs": {"type": "object", "nullable": True,
                                      "description": "Extra variables for the chat template."},
+            "tools": {"type": "array", "nullable": True, "items": _ref("Tool"),
+                      "description": "Functions the model may call (rendered by the chat "
+                                     "template; calls parsed into message.tool_calls)."},
+            "tool_choice": {"nullable": True, "description": "none, auto (default), required "
+                                                            "or one function by name.",
+                            "oneOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+                                      {"type": "object", "required": ["type", "function"],
+                                       "properties": {
+                                           "type": {"type": "string", "enum": ["function"]},
+                                           "function": {"type": "object", "required": ["name"],
+                                                        "properties": {"name": _FN_NAME}}}}]},
+            "parallel_tool_calls": _bool("false: at most one call per turn."),
         },
     }]},
+    "Tool": {
+        "type": "object", "required": ["type", "function"],
+        "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": _FN_NAME, "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "A JSON schema."},
+                "strict": {"type": "boolean", "nullable": True}}}},
+    },
     "TritonGenerateRequest": {"allOf": [_ref("SamplingFields"), {
         "type": "object",
         "required": ["text_input"],

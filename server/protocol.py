@@ -17,6 +17,9 @@ from engine.core.structured_outputs import StructuredOutputsParams
 from engine.outputs import CompletionOutput
 from engine.tokenizer import normalize_messages, render_chat
 
+from .tools.parsers import detect_parser
+from .tools.request import ToolRequest, ToolsError, parse_tools
+
 _MISSING = object()
 
 
@@ -151,7 +154,10 @@ def _response_format(rf: dict):
 
 
 def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None,
+                    forced: StructuredOutputsParams | None = None) -> SamplingParams:
+    """``forced``: a constraint of the server's own (a tool call that must be made), which
+    the request may not combine with one of its own."""
     kwargs = {}
     if prompt_logprobs is not None:
         kwargs["prompt_logprobs"] = prompt_logprobs
@@ -161,7 +167,12 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
             kwargs[name] = value
     if max_tokens is not None and max_tokens < 1:
         raise bad_field("max_tokens", f"'max_tokens' must be at least 1, got {max_tokens}.")
-    constraint, _ = structured_outputs(body)
+    constraint, source = structured_outputs(body)
+    if forced is not None:
+        if constraint is not None:
+            raise bad_field(source, f"{source} cannot be combined with a tool_choice that "
+                                    f"forces a tool call.")
+        constraint = forced
     bias = field(body, "logit_bias", "dict")
     if bias is not None:
         kwargs["logit_bias"] = logit_bias(bias)
@@ -219,6 +230,7 @@ class ParsedRequest:
     stream_options: StreamOptions = None
     echo: bool = False
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs field was asked for
+    tools: ToolRequest | None = None  # chat: tool calls to parse out of the output
 
 
 def _prompt_logprobs(body: dict) -> int | None:
@@ -270,7 +282,9 @@ def chat_template_args(body: dict, trust_request_template: bool) -> dict:
 
 
 def parse_chat(body: dict, tokenizer, trust_request_template: bool = False,
-               max_chars: int | None = None) -> ParsedRequest:
+               max_chars: int | None = None, tool_parser="auto") -> ParsedRequest:
+    """``tool_parser``: the model's tool-call format (a parser class), None for a model
+    without one, or "auto" to read it off the tokenizer's chat template."""
     try:
         messages = normalize_messages(body.get("messages"))
     except ValueError as e:
@@ -279,9 +293,18 @@ def parse_chat(body: dict, tokenizer, trust_request_template: bool = False,
     if max_chars is not None and chars > max_chars:
         raise bad_field("messages", f"messages hold {chars} characters, more than this server "
                                     f"takes (max_prompt_chars={max_chars}).")
+    if tool_parser == "auto":
+        tool_parser = detect_parser(getattr(tokenizer, "chat_template", None))
+    try:
+        tools = parse_tools(body, tool_parser)
+    except ToolsError as e:
+        raise bad_field(e.param, str(e)) from e
+    template_args = chat_template_args(body, trust_request_template)
+    if tools is not None:
+        template_args["tools"] = tools.tools
     render = functools.partial(
         _render, tokenizer, messages, field(body, "add_generation_prompt", "bool", True),
-        chat_template_args(body, trust_request_template), max_chars)
+        template_args, max_chars)
     want_logprobs = field(body, "logprobs", "bool", False)
     top = field(body, "top_logprobs", "int")
     if top is not None and not 0 <= top <= 20:
@@ -290,9 +313,10 @@ def parse_chat(body: dict, tokenizer, trust_request_template: bool = False,
         raise bad_field("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
     max_tokens = field(body, "max_completion_tokens", "int", field(body, "max_tokens", "int"))
     asked = _prompt_logprobs(body)
-    params = sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, asked)
+    params = sampling_params(body, max_tokens, (top or 0) if want_logprobs else None, asked,
+                             tools.constraint() if tools is not None else None)
     return ParsedRequest([render], params, field(body, "stream", "bool", False),
-                         stream_options(body), prompt_logprobs=asked is not None)
+                         stream_options(body), prompt_logprobs=asked is not None, tools=tools)
 
 
 def _render(tokenizer, messages, add_generation_prompt, kwargs, max_chars) -> dict:

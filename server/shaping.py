@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import protocol as P
 from .streams import ChoiceState
+from .tools.parsers import parse_all
 
 
 class Shaper:
@@ -61,7 +62,8 @@ class Shaper:
                 continue
             choice = self.delta_choice(self.index(prompt_idx, c.index), c, delta, first, reason,
                                        out, state)
-            yield self.chunk([choice], opts), new_tokens
+            if choice is not None:
+                yield self.chunk([choice], opts), new_tokens
 
 
 class CompletionShaper(Shaper):
@@ -126,6 +128,23 @@ class CompletionShaper(Shaper):
 class ChatShaper(Shaper):
     object_full, object_chunk = "chat.completion", "chat.completion.chunk"
 
+    def __init__(self, token_text, model, request_id, params, top_n: int,
+                 tools: P.ToolRequest | None = None) -> None:
+        super().__init__(token_text, model, request_id, params, top_n)
+        self.tools = tools
+        self.parsers: dict[int, object] = {}  # choice index -> its tool-call parser
+
+    def message(self, c) -> tuple[dict, str | None]:
+        """A whole choice's message and finish reason (tool calls parsed out of its text)."""
+        reason = P.finish_reason(c)
+        if self.tools is None:
+            return {"role": "assistant", "content": c.text}, reason
+        content, calls = parse_all(self.tools.parser(), c.text)
+        message = {"role": "assistant", "content": content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
+        return message, _tool_reason(reason, bool(calls))
+
     def logprobs(self, c, start: int):
         if self.params.logprobs is None:
             return None
@@ -134,9 +153,12 @@ class ChatShaper(Shaper):
 
     def full_response(self, finals) -> dict:
         f = finals[0]
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self.logprobs(c, 0), "finish_reason": P.finish_reason(c),
-                    "stop_reason": c.stop_reason} for c in f.outputs]
+        choices = []
+        for c in f.outputs:
+            message, reason = self.message(c)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": self.logprobs(c, 0), "finish_reason": reason,
+                            "stop_reason": c.stop_reason})
         out = {"id": self.id, "object": self.object_full, "created": self.created,
                "model": self.model, "choices": choices, "usage": self.usage(finals)}
         if self.params.prompt_logprobs is not None:  # vLLM: top level on chat
@@ -149,6 +171,26 @@ class ChatShaper(Shaper):
                              "logprobs": None, "finish_reason": None}], opts)
                 for i in range(self.params.n)]
 
-    def delta_choice(self, index, c, delta, first, reason, out, state) -> dict:
-        return {"index": index, "delta": {"content": delta} if delta else {},
-                "logprobs": self.logprobs(c, first), "finish_reason": reason}
+    def delta_choice(self, index, c, delta, first, reason, out, state) -> dict | None:
+        logprobs = self.logprobs(c, first)
+        if self.tools is None:
+            return {"index": index, "delta": {"content": delta} if delta else {},
+                    "logprobs": logprobs, "finish_reason": reason}
+        parser = self.parsers.setdefault(index, self.tools.parser())
+        parsed = parser.feed(delta)
+        if reason is not None:
+            parsed.extend(parser.finish())
+            reason = _tool_reason(reason, bool(parser.calls))
+        body = {}
+        if parsed.content:
+            body["content"] = parsed.content
+        if parsed.tool_calls:
+            body["tool_calls"] = parsed.tool_calls
+        if not body and reason is None and logprobs is None:
+            return None  # the parser holds this text back (a tag may be starting)
+        return {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _tool_reason(reason: str | None, called: bool) -> str | None:
+    """OpenAI's "tool_calls" for a choice that ended by calling; "length" stays "length"."""
+    return "tool_calls" if called and reason == "stop" else reason

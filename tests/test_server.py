@@ -367,6 +367,9 @@ def test_openai_parse_with_a_pydantic_model(client):
     ({"structured_outputs": {"json_object": True, "regex": "a"}}, "exactly one"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
      "not several"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}}}],
+      "tool_choice": "required"}, "uniqueItems"),
 ])
 def test_unenforceable_constraints_are_400(server, extra, needle):
     body = {"model": MODEL, "messages": ASK_PET, "max_tokens": 4, **extra}
@@ -466,3 +469,89 @@ def test_echo_logprobs_and_prompt_logprobs(client, smol_llm):
     r = httpx.post(server_url(client) + "/completions", headers=auth(), timeout=30,
                    json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 21})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
+# ---- tool calling through the OpenAI API --------------------------------------------------
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": CITY,
+                                          "description": "Current weather in a city"}},
+         {"type": "function", "function": {"name": "get_time", "parameters": CITY,
+                                          "description": "Local time in a city"}}]
+ASK_TOOLS = [{"role": "user", "content": "What are the weather and the time in Paris and Rome?"}]
+
+
+def called(message) -> list[tuple[str, dict]]:
+    """(name, arguments) of each call, its arguments checked against the function's schema."""
+    out = []
+    for call in message.tool_calls or []:
+        assert call.type == "function" and call.id.startswith("call_")
+        args = json.loads(call.function.arguments)
+        jsonschema.validate(args, CITY)
+        out.append((call.function.name, args))
+    return out
+
+
+def test_tool_choice_required_named_single_and_none(client):
+    kw = dict(model=MODEL, messages=ASK_TOOLS, tools=TOOLS, temperature=0, max_tokens=80)
+    r = client.chat.completions.create(tool_choice="required", **kw)
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert len(called(r.choices[0].message)) >= 1 and r.choices[0].message.content is None
+    one = client.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **kw)
+    assert len(called(one.choices[0].message)) == 1
+    named = client.chat.completions.create(
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, **kw)
+    assert [name for name, _ in called(named.choices[0].message)] == ["get_time"]
+    assert named.choices[0].finish_reason == "tool_calls"
+    none = client.chat.completions.create(tool_choice="none", **kw)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+    # "none" leaves the tools out of the prompt: fewer prompt tokens than "auto"
+    auto = client.chat.completions.create(tool_choice="auto", **{**kw, "max_tokens": 1})
+    assert none.usage.prompt_tokens < auto.usage.prompt_tokens
+
+
+def test_streamed_tool_calls_reassemble_to_the_full_response(client):
+    kw = dict(model=MODEL, messages=ASK_TOOLS, tools=TOOLS, tool_choice="required",
+              temperature=0, max_tokens=80)
+    full = client.chat.completions.create(**kw).choices[0]
+    chunks = list(client.chat.completions.create(stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    calls: dict[int, dict] = {}
+    reasons = []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            reasons.append(choice.finish_reason)
+            assert not choice.delta.content
+            for d in choice.delta.tool_calls or []:
+                if d.index not in calls:  # id, type and name come first
+                    assert d.id and d.type == "function" and d.function.name
+                    calls[d.index] = {"name": d.function.name, "arguments": ""}
+                else:
+                    assert d.id is None and d.function.name is None
+                calls[d.index]["arguments"] += d.function.arguments or ""
+    assert [r for r in reasons if r] == ["tool_calls"]
+    want = [{"name": c.function.name, "arguments": c.function.arguments}
+            for c in full.message.tool_calls]
+    assert [calls[i] for i in sorted(calls)] == want
+
+
+def test_cut_off_tool_call_finishes_with_length(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK_TOOLS, tools=TOOLS,
+                                       tool_choice="required", temperature=0, max_tokens=12)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_a_tool_result_turn_is_answered(client):
+    history = ASK_TOOLS[:1] + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS,
+                                       tool_choice="none", temperature=0, max_tokens=30)
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model=MODEL, messages=ASK_TOOLS, tools=TOOLS,
+                                       tool_choice={"type": "function",
+                                                    "function": {"name": "nope"}})
