@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import jsonschema
+
 from conftest import assert_no_leak
 from engine import SamplingParams
 from server.batch import BatchRunner, Writer, build_parser, read_items
@@ -105,3 +107,31 @@ def test_cli_prompts_print_plain_text(smol_llm):
     bad = subprocess.run([sys.executable, "-m", "server.cli", "generate", "hi", "--n", "500"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "n must be" in bad.stderr
+
+
+def test_batch_lines_with_response_format_and_tools(smol_llm, tmp_path):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}},
+              "required": ["answer"], "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": schema}}
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join([
+        batch_line("json", "/v1/chat/completions", {
+            "messages": ask, "max_tokens": 40, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}),
+        batch_line("tool", "/v1/chat/completions", {
+            "messages": ask, "max_tokens": 40, "temperature": 0, "tools": [tool],
+            "tool_choice": "required"}),
+        batch_line("regex", "/v1/completions", {
+            "prompt": "Code:", "max_tokens": 10, "structured_outputs": {"regex": r"[0-9]{3}"}}),
+    ]) + "\n")
+    lines = {r["custom_id"]: r["response"]["body"] for r in run_batch(smol_llm, inp, out)}
+    jsonschema.validate(json.loads(lines["json"]["choices"][0]["message"]["content"]), schema)
+    call = lines["tool"]["choices"][0]
+    assert call["finish_reason"] == "tool_calls"
+    assert call["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    jsonschema.validate(json.loads(call["message"]["tool_calls"][0]["function"]["arguments"]),
+                        schema)
+    assert len(lines["regex"]["choices"][0]["text"]) == 3
+    assert lines["regex"]["choices"][0]["text"].isdigit()
+    assert_no_leak(smol_llm.engine)
