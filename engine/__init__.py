@@ -26,6 +26,7 @@ _PUBLIC = {
     "SamplingParams": "engine.core.sampling_params", "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs", "Logprob": "engine.outputs",
     "StructuredOutputsParams": "engine.core.structured_outputs",
+    "LoRARequest": "engine.core.lora",
 }
 __all__ = list(_PUBLIC)
 

@@ -21,9 +21,11 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True,
+                 lora_request=None) -> list[RequestOutput]:
         """Complete each prompt (str, list of token ids, or {"prompt_token_ids": [...]});
-        outputs come back in prompt order."""
+        outputs come back in prompt order. ``lora_request``: one LoRARequest for every
+        prompt, or a list with one (or None, the base model) per prompt."""
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -32,13 +34,16 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts.")
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} lora_requests for {len(prompts)} prompts.")
         for p in {id(p): p for p in params}.values():
             self.engine.check_structured(p)  # an unenforceable grammar: ValueError up front
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 rid = f"llm-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, lora_request=lora)
                 ids.append(rid)
         except Exception:
             self.engine.abort_request(ids)  # a bad prompt costs the others nothing
@@ -47,7 +52,7 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, lora_request=None) -> list[RequestOutput]:
         """One conversation (list of messages) or several (list of lists), through the
         tokenizer's chat template; ``tools`` (OpenAI function specs) are rendered by it."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
@@ -55,7 +60,7 @@ class LLM:
             chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
         prompts = [self.render_chat(c, add_generation_prompt, chat_template_kwargs)
                    for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def render_chat(self, messages, add_generation_prompt: bool = True,
                     chat_template_kwargs: dict | None = None) -> dict:

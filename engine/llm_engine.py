@@ -21,6 +21,7 @@ import torch
 from .core import faults
 from .core.config import EngineConfig, resolve_model_dir
 from .core.kv_cache_manager import KVCacheManager
+from .core.lora import LoRARequest, LoRASlots
 from .core.request import Request, RequestStatus
 from .core.sampling_params import SamplingParams
 from .core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -67,7 +68,9 @@ class LLMEngine:
         num_blocks = self.runner.allocate_kv_cache()
         self.max_model_len = self._max_model_len(num_blocks)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                   lora_slots=LoRASlots(config.max_loras) if config.enable_lora
+                                   else None)
         self.max_prompt_chars = self._max_prompt_chars()
         self.parents: dict[str, _Parent] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -153,19 +156,36 @@ class LLMEngine:
             raise ValueError(f"prompt is {len(ids)} tokens, more than max_model_len "
                              f"({self.max_model_len}).")
 
+    def resolve_lora(self, lora_request: LoRARequest | None) -> str | None:
+        """The adapter's key, loaded and checked; ValueError naming it if it cannot be
+        served (or LoRA is off)."""
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError("lora_request must be a LoRARequest.")
+        if self.runner.lora is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but this "
+                             f"engine was started without enable_lora=True.")
+        return self.runner.lora.resolve(lora_request.lora_name, lora_request.lora_path)
+
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         params = SamplingParams() if params is None else params
         self.check_params(params)
         if request_id in self.parents:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         text, ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        lora_key = self.resolve_lora(lora_request)
         children = []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
-            children.append(Request(child_id, ids, params, self.eos_token_ids, self.max_model_len,
-                                    arrival_time, index=i, parent_id=request_id))
+            child = Request(child_id, ids, params, self.eos_token_ids, self.max_model_len,
+                            arrival_time, index=i, parent_id=request_id)
+            if lora_key is not None:
+                child.lora_key, child.lora_name = lora_key, lora_request.lora_name
+            children.append(child)
             if child_id in self.scheduler.requests:
                 raise ValueError(f"request_id {child_id!r} is already in use.")
         # Everything that can fail is done before anything is registered: a request that
@@ -206,6 +226,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         failed_grammars = self._admit_compiled() if self.pending_grammars else []
         sched = self.scheduler.schedule()
+        if self.scheduler.lora_slots is not None:
+            for slot, key in self.scheduler.lora_slots.take_loads():
+                self.runner.lora.set_slot(slot, key)
         if sched.is_empty:
             if self.pending_grammars and not failed_grammars:  # only compiles: do not spin
                 concurrent.futures.wait([p.future for p in self.pending_grammars.values()],

@@ -68,6 +68,13 @@ class EngineConfig:
     # Structured outputs: a request whose grammar takes longer than this to compile fails
     # (others never wait for it: compiles run on their own thread).
     grammar_compile_timeout: float = 30.0
+    # Multi-LoRA: adapters of this base model served side by side. max_loras adapters live
+    # on the device at once (their requests batch together); more wait in a CPU cache of
+    # max_cpu_loras (default: max_loras) and load into a slot when one frees up.
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -86,6 +93,12 @@ class EngineConfig:
         if not self.grammar_compile_timeout > 0:
             raise ValueError(f"grammar_compile_timeout must be positive, got "
                              f"{self.grammar_compile_timeout}.")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be at least 1, got "
+                             f"{self.max_loras} and {self.max_lora_rank}.")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.max_loras}).")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
         if self.quantization not in QUANTIZATIONS:

@@ -91,7 +91,7 @@ class KVCacheManager:
         bs = self.block_size
         hashes = req.block_hashes
         for i in range(len(hashes), req.num_tokens // bs):
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else req.cache_salt
             hashes.append(hash_block(parent, req.token_ids[i * bs:(i + 1) * bs]))
 
     def free(self, req: Request) -> None:

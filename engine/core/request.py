@@ -76,6 +76,13 @@ class Request:
         # prompt_logprobs: entry k is for prompt token k + 1 (predicted at position k), as
         # (logprob, rank, top ids, top logprobs); filled as the prefill chunks run
         self.prompt_logprobs: list[tuple] = []
+        # LoRA: the adapter's key (a hash of its contents; None = the base model), the slot
+        # its weights sit in while the request runs, and its name for outputs and metrics.
+        # The key seeds the block hashes: K/V computed under one adapter is never a prefix
+        # hit for another.
+        self.lora_key: str | None = None
+        self.lora_name: str | None = None
+        self.lora_slot: int | None = None
         limit = sampling_params.max_tokens
         if max_model_len is not None:
             room = max(max_model_len - self.num_prompt_tokens, 1)
@@ -103,6 +110,10 @@ class Request:
         """Prompt positions whose logprobs are still owed (the first child only)."""
         return (self.sampling_params.prompt_logprobs is not None and self.index == 0
                 and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
+
+    @property
+    def cache_salt(self) -> bytes | None:
+        return None if self.lora_key is None else self.lora_key.encode()
 
     @property
     def is_finished(self) -> bool:

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_cache_manager import KVCacheManager
+from .lora import LoRASlots
 from .request import Request, RequestStatus
 
 
@@ -90,7 +91,8 @@ class WaitingQueue:
 
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, watermark: float = 0.01) -> None:
+                 max_num_batched_tokens: int, watermark: float = 0.01,
+                 lora_slots: LoRASlots | None = None) -> None:
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -101,6 +103,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # LoRA: every running request holds its adapter's slot, so a step never mixes more
+        # adapters than there are slots.
+        self.lora_slots = lora_slots
 
     @property
     def has_unfinished(self) -> bool:
@@ -138,8 +143,19 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        no_slot: list[Request] = []  # wait for an adapter slot without holding up the rest
+        try:
+            self._admit(out, budget, no_slot)
+        finally:
+            for req in reversed(no_slot):  # back at the head, in their order
+                self.waiting.appendleft(req)
+
+    def _admit(self, out: SchedulerOutput, budget: int, no_slot: list[Request]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.peek()
+            if not self._acquire_lora(req):
+                no_slot.append(self.waiting.popleft())
+                continue
             # prompt_logprobs need every prompt position computed: no prefix-cache hits
             hits, num_hit_tokens = (([], 0) if req.needs_prompt_logprobs
                                     else self.kv_cache.get_computed_blocks(req))
@@ -148,10 +164,10 @@ class Scheduler:
             num_blocks_needed = (-(-(num_hit_tokens + num_new) // self.kv_cache.block_size)
                                  - len(hits) + sum(1 for b in hits if b.ref_cnt == 0))
             if (self.running and self.kv_cache.num_free_blocks - num_blocks_needed
-                    < self.watermark_blocks):
-                break
-            if not self.kv_cache.allocate_slots(req, num_new, hits):
-                break  # FCFS: nobody overtakes the head of the queue
+                    < self.watermark_blocks) or not self.kv_cache.allocate_slots(
+                    req, num_new, hits):
+                self._release_lora(req)
+                break  # FCFS: nobody overtakes the head of the queue for memory
             self.waiting.popleft()
             req.num_computed_tokens = num_hit_tokens
             if req.num_preemptions == 0:
@@ -162,8 +178,20 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
 
+    def _acquire_lora(self, req: Request) -> bool:
+        if req.lora_key is None or req.lora_slot is not None:
+            return True
+        req.lora_slot = self.lora_slots.acquire(req.lora_key)
+        return req.lora_slot is not None
+
+    def _release_lora(self, req: Request) -> None:
+        if req.lora_slot is not None:
+            self.lora_slots.release(req.lora_slot)
+            req.lora_slot = None
+
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req)
+        self._release_lora(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -205,4 +233,5 @@ class Scheduler:
         elif req in self.running:  # at most max_num_seqs long
             self.running.remove(req)
         self.kv_cache.free(req)
+        self._release_lora(req)
         del self.requests[req.request_id]

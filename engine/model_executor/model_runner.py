@@ -57,6 +57,13 @@ class ModelRunner:
 
                 if cpu_ops.available():  # not fp32-exact: only where outputs are not anyway
                     use_fused_cpu_ops(self.model)
+        self.lora = None
+        if config.enable_lora:  # on top of the packed / quantized base layers
+            from ..lora.layers import LoRAModel
+
+            self.lora = LoRAModel(self.model, config.max_loras, config.max_lora_rank,
+                                  config.max_cpu_loras or config.max_loras, self.dtype,
+                                  self.device)
         self.backend = get_backend(config.backend_name, model_config.head_dim,
                                    model_config.sliding_window)
         self.sampler = Sampler(model_config.vocab_size)
@@ -318,7 +325,9 @@ class ModelRunner:
         request id for the chunks that wanted them)."""
         input_ids, positions, meta, logits_rows, sampling_reqs = self._prepare(sched, kv)
         hidden = None
-        if self._graphs and meta.max_query_len == 1:
+        if self.lora is not None and self._set_lora_step(sched):
+            pass  # adapter tokens: eager (graphs and compiled steps hold the base model only)
+        elif self._graphs and meta.max_query_len == 1:
             hidden = self._replay_decode_graph(input_ids, positions, meta)
         elif (self._compiled is not None and meta.max_query_len == 1
               and len(input_ids) <= (self.config.cpu_compile_max_batch or len(input_ids))):
@@ -330,6 +339,18 @@ class ModelRunner:
             return [], None, prompt_lps
         logits = self.model.compute_logits(hidden[logits_rows])
         return sampling_reqs, self.sampler(logits, sampling_reqs, self.generators), prompt_lps
+
+    def _set_lora_step(self, sched: SchedulerOutput) -> bool:
+        """Each token's adapter slot for the LoRA layers; True if any token has one."""
+        if all(s.request.lora_slot is None for s in sched.scheduled):
+            self.lora.set_step(None)
+            return False
+        slots = []
+        for s in sched.scheduled:
+            slot = s.request.lora_slot
+            slots.extend([-1 if slot is None else slot] * s.num_tokens)
+        self.lora.set_step(slots)
+        return True
 
     def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict:
         """request id -> [(logprob, rank, top ids, top logprobs)] of the prompt tokens this

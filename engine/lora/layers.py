@@ -1,0 +1,156 @@
+"""LoRA on the model: each adapted projection wrapped, adapter weights in device slots.
+
+``LoRAModel`` wraps qkv_proj, o_proj, gate_up_proj and down_proj of every layer in a
+``LoRALinear`` over whatever the base layer is (dense, prepacked, int4, int8), so the base
+model's fast paths stay as they are and the delta is added on top. Per projection the
+slots' weights are stacked as kernels/lora.py describes; loading an adapter into a slot
+writes its columns of A and rows of B (zero-padded to ``max_lora_rank`` per sub-projection).
+
+Each step the runner sets the tokens' slots once (``set_step``); every wrapper reads the
+same mask. A step without adapter tokens adds nothing: base-only steps are bitwise what
+they are without LoRA, and keep their CUDA graphs / compiled decode.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from kernels.lora import lora_delta_torch, slot_mask
+
+from .peft import CONFIG, SUBS, WEIGHTS, LoRAAdapter, adapter_key, load_adapter
+
+
+class StepSlots:
+    """The current step's token -> slot mapping, shared by every LoRALinear."""
+
+    def __init__(self) -> None:
+        self.onehot = None
+        self.lo = self.hi = 0
+        self.token_slot = None  # int32 tensor on the device (Triton path)
+        self.triton = False
+
+    @property
+    def active(self) -> bool:
+        return self.hi > self.lo
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, width: int,
+                 step: StepSlots) -> None:
+        super().__init__()
+        self.base, self.a, self.b, self.width, self.step = base, a, b, width, step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        step = self.step
+        if not step.active:
+            return out
+        if step.triton:
+            from kernels.lora import lora_delta_triton
+
+            return out + lora_delta_triton(x, self.a, self.b, step.token_slot, self.width)
+        return out + lora_delta_torch(x, self.a, self.b, step.onehot, step.lo, step.hi,
+                                      self.width)
+
+
+class LoRAModel:
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, max_cpu_loras: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.dtype, self.device = dtype, device
+        self.step = StepSlots()
+        self.step.triton = device.type == "cuda"
+        self.layers: dict[tuple[int, str], LoRALinear] = {}
+        self.shapes: dict[str, tuple[list[int], int]] = {}
+        self.num_layers = len(model.model.layers)
+        for i, layer in enumerate(model.model.layers):
+            for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                 (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+                self._wrap(model, i, parent, name)
+        self.cache: OrderedDict[str, LoRAAdapter] = OrderedDict()  # CPU copies, LRU
+        self.max_cpu_loras = max_cpu_loras
+        self.paths: dict[str, tuple[str, str]] = {}  # key -> (name, path): reload if evicted
+        self._resolved: dict[str, tuple[tuple, str]] = {}  # path -> (file stats, key)
+
+    def _wrap(self, model, i: int, parent: nn.Module, name: str) -> None:
+        outs, in_features = self.shapes.setdefault(name, _shapes(model.cfg)[name])
+        width = SUBS[name] * self.max_rank
+        a = torch.zeros(in_features, self.max_loras * width, dtype=self.dtype, device=self.device)
+        b = torch.zeros(self.max_loras * width, sum(outs), dtype=self.dtype, device=self.device)
+        layer = LoRALinear(getattr(parent, name), a, b, width, self.step)
+        setattr(parent, name, layer)
+        self.layers[(i, name)] = layer
+
+    # ---- adapters ----------------------------------------------------------------------
+    def resolve(self, name: str, path: str) -> str:
+        """The key of the adapter at ``path``, loaded and checked (ValueError naming it if
+        it cannot be served). Files are hashed again only when their size or mtime moved."""
+        files = [os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)]
+        try:
+            signature = tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, files))
+        except OSError:
+            signature = None  # load_adapter says what is missing
+        hit = self._resolved.get(path)
+        if signature is not None and hit is not None and hit[0] == signature \
+                and hit[1] in self.cache:
+            self.paths[hit[1]] = (name, path)
+            self.cache.move_to_end(hit[1])
+            return hit[1]
+        key = adapter_key(path) if signature is not None else ""
+        self.load(name, path, key)
+        self._resolved[path] = (signature, key)
+        return key
+
+    def load(self, name: str, path: str, key: str) -> LoRAAdapter:
+        """The adapter's CPU copy (read from disk unless cached), checked against the model."""
+        adapter = self.cache.get(key)
+        if adapter is None:
+            adapter = load_adapter(name, path, self.num_layers, self.shapes, self.max_rank)
+            if adapter.key != key:  # the files changed under us between hashing and reading
+                raise ValueError(f"LoRA adapter {name!r}: its files changed while loading.")
+            self.cache[key] = adapter
+            while len(self.cache) > self.max_cpu_loras:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        self.paths[key] = (name, path)
+        return adapter
+
+    @torch.inference_mode()
+    def set_slot(self, slot: int, key: str) -> None:
+        """Write an adapter's weights into a slot (between steps)."""
+        adapter = self.load(*self.paths[key], key)
+        for (i, name), layer in self.layers.items():
+            width, R = layer.width, self.max_rank
+            cols = slice(slot * width, (slot + 1) * width)
+            layer.a[:, cols].zero_()
+            layer.b[cols].zero_()
+            row = 0
+            for sub, out in enumerate(self.shapes[name][0]):
+                w = adapter.weights.get((i, name, sub))
+                if w is not None:
+                    r, start = w.rank, slot * width + sub * R
+                    layer.a[:, start:start + r].copy_(w.a.T)
+                    layer.b[start:start + r, row:row + out].copy_(w.b.T)
+                row += out
+
+    def set_step(self, token_slot: list[int] | None) -> None:
+        """The step's per-token slots (-1: base model); None or all -1: no LoRA this step."""
+        step = self.step
+        if not token_slot:
+            step.lo = step.hi = 0
+            return
+        step.onehot, step.lo, step.hi = slot_mask(token_slot, self.dtype, self.device)
+        if step.triton and step.active:
+            step.token_slot = torch.tensor(token_slot, dtype=torch.int32).to(self.device)
+
+
+def _shapes(cfg) -> dict[str, tuple[list[int], int]]:
+    """Our module -> ([out rows of each sub-projection], in features), from the config (the
+    base layer may be prepacked or quantized, with no weight to read them from)."""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    return {"qkv_proj": ([q, kv, kv], hidden), "o_proj": ([hidden], q),
+            "gate_up_proj": ([inter, inter], hidden), "down_proj": ([hidden], inter)}
