@@ -44,7 +44,7 @@ class AsyncLLMEngine:
         self.max_waiting_requests = max_waiting_requests
         self._streams: dict[str, RequestStream] = {}
         self._inbox_lock = threading.Lock()
-        self._adds: list[tuple[str, dict, SamplingParams, float | None]] = []
+        self._adds: list[tuple] = []
         self._aborts: list[str] = []
         self._executor = executor or _worker()
         self._wake: asyncio.Event | None = None
@@ -86,7 +86,7 @@ class AsyncLLMEngine:
     @property
     def num_waiting(self) -> int:
         """Sequences waiting (a request with n completions counts n)."""
-        return self.stats["num_waiting"] + sum(params.n for _, _, params, _ in self._adds)
+        return self.stats["num_waiting"] + sum(params.n for _, _, params, *_ in self._adds)
 
     # ---- requests ----------------------------------------------------------------------
     def validate(self, prompt, params: SamplingParams | None = None) -> dict:
@@ -111,7 +111,7 @@ class AsyncLLMEngine:
             raise QueueFullError(f"{self.num_waiting} sequences are already waiting")
 
     def add_request(self, request_id: str, prompt, params: SamplingParams,
-                    arrival_time: float | None = None) -> "RequestStream":
+                    arrival_time: float | None = None, lora_request=None) -> "RequestStream":
         """Queue a request and return its stream; raises at once on bad input, a full
         queue or a dead engine, so callers can answer before starting a response."""
         if not self.is_running:
@@ -123,14 +123,15 @@ class AsyncLLMEngine:
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
         with self._inbox_lock:
-            self._adds.append((request_id, checked, params, arrival_time))
+            self._adds.append((request_id, checked, params, arrival_time, lora_request))
         self._wake.set()
         return stream
 
     async def generate(self, request_id: str, prompt, params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None,
+                       lora_request=None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs until finished; leaving early aborts the request."""
-        stream = self.add_request(request_id, prompt, params, arrival_time)
+        stream = self.add_request(request_id, prompt, params, arrival_time, lora_request)
         try:
             async for out in stream:
                 yield out
@@ -189,9 +190,9 @@ class AsyncLLMEngine:
             adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
         errors = []
-        for request_id, prompt, params, arrival in adds:
+        for request_id, prompt, params, arrival, lora in adds:
             try:
-                self.engine.add_request(request_id, prompt, params, arrival)
+                self.engine.add_request(request_id, prompt, params, arrival, lora)
             except Exception as e:  # noqa: BLE001 - this request's fault or bug, not the loop's
                 errors.append((request_id, e if isinstance(e, ValueError)
                                else RequestFailedError(f"could not add the request: {e!r}")))

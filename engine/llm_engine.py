@@ -427,4 +427,6 @@ class LLMEngine:
             "prefix_cache_queries": pool.num_cache_queries,
             "prefix_cache_hits": pool.num_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "lora_slots_in_use": (self.scheduler.lora_slots.in_use
+                                  if self.scheduler.lora_slots is not None else 0),
         }

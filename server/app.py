@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
+from engine.core.lora import LoRARequest
 
 from . import protocol as P
 from .gateway import Gateway
@@ -64,6 +66,10 @@ class ServerSettings:
     # smollm2) and a chat template to use instead of the tokenizer's (its text).
     tool_call_parser: str = "auto"
     chat_template: str | None = None
+    # LoRA adapters served from the start (name -> PEFT directory; the engine needs
+    # enable_lora), and whether POST /v1/load_lora_adapter and /unload_lora_adapter work.
+    lora_modules: dict[str, str] | None = None
+    allow_runtime_lora_updates: bool = False
 
 
 def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlette:
@@ -97,6 +103,8 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/load_lora_adapter", api.load_lora_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", api.unload_lora_adapter, methods=["POST"]),
         Route("/tokenize", api.tokenize, methods=["POST"]),
         Route("/detokenize", api.detokenize, methods=["POST"]),
         Route("/health", api.health, methods=["GET"]),
@@ -159,7 +167,13 @@ class _API:
     def __init__(self, async_engine: AsyncLLMEngine, settings: ServerSettings) -> None:
         self.engine = async_engine
         self.settings = settings
-        self.gateway = Gateway(async_engine, settings.prepare_timeout)
+        self.gateway = Gateway(async_engine, settings.prepare_timeout,
+                               settings.served_model_name)
+        for name, path in (settings.lora_modules or {}).items():  # a bad one fails the start
+            lora = LoRARequest(name, len(self.gateway.loras) + 1, path)
+            async_engine.engine.resolve_lora(lora)
+            self.gateway.loras[name] = lora
+        self.gateway._lora_ids = itertools.count(len(self.gateway.loras) + 1)
         self.start_streams = self.gateway.start_streams
         self.metrics = self.gateway.metrics
         self.tokenizer = self.gateway.tokenizer
@@ -185,10 +199,12 @@ class _API:
         return P.parse_json(await read_body(request, self.settings.max_body_bytes,
                                             self.settings.body_read_timeout))
 
-    def check_model(self, name) -> None:
-        if name is not None and name != self.settings.served_model_name:
-            raise P.APIError(404, f"The model `{name:.200}` does not exist.", param="model",
-                             code="model_not_found")
+    def check_model(self, name) -> LoRARequest | None:
+        """The LoRA adapter a request's ``model`` selects (None: the base); 404 if unknown."""
+        return self.gateway.model(name)
+
+    def model_name(self, lora: LoRARequest | None) -> str:
+        return self.settings.served_model_name if lora is None else lora.lora_name
 
     async def run_to_end(self, request: Request, streams, timer):
         """Non-streamed: the final output of each prompt. A client that hangs up or a passed
@@ -216,28 +232,29 @@ class _API:
     @_guarded
     async def completions(self, request: Request):
         body = await self.read_json(request)
-        self.check_model(P.field(body, "model", "str"))
+        lora = self.check_model(P.field(body, "model", "str"))
         req = P.parse_completion(body)
         rid = P.new_id("cmpl")
-        streams = await self.start_streams(rid, req.prompts, req.params)
-        shaper = CompletionShaper(self.token_text, self.settings.served_model_name, rid,
+        streams = await self.start_streams(rid, req.prompts, req.params, lora=lora)
+        shaper = CompletionShaper(self.token_text, self.model_name(lora), rid,
                                   req.params, req.echo, req.prompt_logprobs)
-        return await self.respond(request, streams, shaper, req)
+        return await self.respond(request, streams, shaper, req, lora)
 
     @_guarded
     async def chat(self, request: Request):
         body = await self.read_json(request)
-        self.check_model(P.field(body, "model", "str"))
+        lora = self.check_model(P.field(body, "model", "str"))
         req = P.parse_chat(body, self.tokenizer, self.settings.trust_request_chat_template,
                            self.engine.engine.max_prompt_chars, self.tool_parser)
         rid = P.new_id("chatcmpl")
-        streams = await self.start_streams(rid, req.prompts, req.params, "messages")
-        shaper = ChatShaper(self.token_text, self.settings.served_model_name, rid, req.params,
+        streams = await self.start_streams(rid, req.prompts, req.params, "messages", lora)
+        shaper = ChatShaper(self.token_text, self.model_name(lora), rid, req.params,
                             req.params.logprobs or 0, req.tools)
-        return await self.respond(request, streams, shaper, req)
+        return await self.respond(request, streams, shaper, req, lora)
 
-    async def respond(self, request: Request, streams, shaper, req: P.ParsedRequest):
-        timer = self.metrics.timer()
+    async def respond(self, request: Request, streams, shaper, req: P.ParsedRequest,
+                      lora: LoRARequest | None = None):
+        timer = self.metrics.timer(adapter=None if lora is None else lora.lora_name)
         if req.stream:
             return EventSourceResponse(self.sse(streams, shaper, timer, req.stream_options), ping=15)
         finals = await self.run_to_end(request, streams, timer)
@@ -320,9 +337,36 @@ class _API:
             self.check_auth(request)
         except P.APIError as e:
             return error_response(e)
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.settings.served_model_name, "object": "model", "created": P.now(),
-            "owned_by": "kvserve", "max_model_len": self.engine.engine.max_model_len}]})
+        base = self.settings.served_model_name
+        card = {"object": "model", "created": P.now(), "owned_by": "kvserve",
+                "max_model_len": self.engine.engine.max_model_len}
+        return JSONResponse({"object": "list", "data": [
+            {"id": base, **card, "root": base, "parent": None},
+            *({"id": name, **card, "root": lora.lora_path, "parent": base}
+              for name, lora in self.gateway.loras.items())]})
+
+    # ---- LoRA adapters at run time (vLLM's shapes) ---------------------------------------
+    def _check_runtime_lora(self) -> None:
+        if not self.settings.allow_runtime_lora_updates:
+            raise P.APIError(404, "loading adapters at run time is off (start the server with "
+                                  "--allow-runtime-lora-updates).", code="not_found")
+
+    @_guarded
+    async def load_lora_adapter(self, request: Request):
+        self._check_runtime_lora()
+        body = await self.read_json(request)
+        lora = await self.gateway.add_lora(body.get("lora_name"), body.get("lora_path"))
+        return Response(f"Success: LoRA adapter '{lora.lora_name}' added successfully.",
+                        media_type="text/plain")
+
+    @_guarded
+    async def unload_lora_adapter(self, request: Request):
+        self._check_runtime_lora()
+        body = await self.read_json(request)
+        name = body.get("lora_name")
+        self.gateway.remove_lora(name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.",
+                        media_type="text/plain")
 
     async def health(self, request: Request):
         if self.engine.is_running:
@@ -347,10 +391,7 @@ class _API:
 
     # ---- Triton generate extension -----------------------------------------------------
     def triton_request(self, request: Request, body: dict):
-        name = request.path_params["model"]
-        if name != self.settings.served_model_name:
-            raise P.APIError(404, f"The model `{name}` does not exist.", param="model",
-                             code="model_not_found")
+        lora = self.check_model(request.path_params["model"])
         text = P.field(body, "text_input", "str")
         if text is None:
             raise P.bad_field("text_input", "'text_input' is required.")
@@ -360,24 +401,24 @@ class _API:
         params = P.sampling_params(fields, P.field(fields, "max_tokens", "int", 64), None)
         if params.n != 1:
             raise P.bad_field("n", "the generate extension returns one text_output: n must be 1.")
-        return text, params
+        return text, params, lora
 
     @_guarded
     async def triton_generate(self, request: Request):
-        text, params = self.triton_request(request, await self.read_json(request))
-        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input")
-        timer = self.metrics.timer("generate")
+        text, params, lora = self.triton_request(request, await self.read_json(request))
+        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input", lora)
+        timer = self.metrics.timer("generate", None if lora is None else lora.lora_name)
         finals = await self.run_to_end(request, streams, timer)
         out = finals[0].outputs[0]
         timer.finish("ok", len(finals[0].prompt_token_ids), len(out.token_ids))
-        return JSONResponse({"model_name": self.settings.served_model_name, "model_version": "1",
+        return JSONResponse({"model_name": self.model_name(lora), "model_version": "1",
                              "text_output": out.text})
 
     @_guarded
     async def triton_generate_stream(self, request: Request):
-        text, params = self.triton_request(request, await self.read_json(request))
-        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input")
-        name = self.settings.served_model_name
+        text, params, lora = self.triton_request(request, await self.read_json(request))
+        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input", lora)
+        name = self.model_name(lora)
 
         async def events():
             state = ChoiceState()

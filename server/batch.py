@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from engine import EngineConfig, LLMEngine
+from engine import EngineConfig, LLMEngine, LoRARequest
 
 from . import protocol as P
-from .cli import add_engine_args, merge_settings
+from .cli import add_engine_args, lora_modules, merge_settings
 from .shaping import ChatShaper, CompletionShaper
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int)
     add_engine_args(p)
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="LoRA adapters: a line whose body.model is NAME runs on it")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-p", type=float)
@@ -166,8 +168,11 @@ def _finished_ids(path: str) -> set[str]:
 # ---- the job ---------------------------------------------------------------------------
 class BatchRunner:
     def __init__(self, engine: LLMEngine, writer: Writer, defaults: dict, model_name: str,
-                 progress) -> None:
+                 progress, loras: dict | None = None) -> None:
         self.engine, self.writer, self.defaults = engine, writer, defaults
+        # adapter name -> LoRARequest; a line's body.model picks one (any other name: the
+        # base model, as batch files often name a hosted model)
+        self.loras = loras or {}
         self.model_name, self.progress = model_name, progress
         self.token_text = P.TokenText(engine.tokenizer)
         self.jobs: dict[str, Job] = {}  # engine request id -> its job
@@ -191,14 +196,21 @@ class BatchRunner:
         rid = P.new_id("batch")
         try:
             body = {**self.defaults, **item.body}
+            lora = self.loras.get(body.get("model")) if isinstance(body.get("model"), str) \
+                else None
+            name = self.model_name if lora is None else lora.lora_name
+            try:
+                self.engine.resolve_lora(lora)
+            except ValueError as e:
+                raise P.bad_field("model", str(e)) from e
             if item.url == CHAT:
                 req = P.parse_chat(body, self.engine.tokenizer,
                                    max_chars=self.engine.max_prompt_chars)
-                shaper = ChatShaper(self.token_text, self.model_name, rid, req.params,
+                shaper = ChatShaper(self.token_text, name, rid, req.params,
                                     req.params.logprobs or 0, req.tools)
             else:
                 req = P.parse_completion(body)
-                shaper = CompletionShaper(self.token_text, self.model_name, rid, req.params, req.echo,
+                shaper = CompletionShaper(self.token_text, name, rid, req.params, req.echo,
                                           req.prompt_logprobs)
             checked = [self._validate(i, p, req) for i, p in enumerate(req.prompts)]
         except P.APIError as e:
@@ -206,7 +218,7 @@ class BatchRunner:
             return
         job = Job(item, shaper, [f"{rid}-{i}" for i in range(len(checked))])
         for request_id, prompt in zip(job.request_ids, checked):
-            self.engine.add_request(request_id, prompt, req.params)
+            self.engine.add_request(request_id, prompt, req.params, lora_request=lora)
             self.jobs[request_id] = job
 
     def _validate(self, i: int, prompt, req: P.ParsedRequest) -> dict:
@@ -307,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.prompts and not args.input:
         parser.error("give prompts, or --input FILE (- for stdin)")
-    engine_kwargs, _ = merge_settings(parser, args, ())
+    engine_kwargs, _ = merge_settings(parser, args, ("lora_modules",))
+    loras = {name: LoRARequest(name, i, path)
+             for i, (name, path) in enumerate(lora_modules(args.lora_modules).items(), start=1)}
+    if loras:
+        engine_kwargs["enable_lora"] = True
     if args.seed is not None:
         engine_kwargs["seed"] = args.seed
     defaults = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     engine = LLMEngine(EngineConfig(**engine_kwargs))
+    for lora in loras.values():  # a bad adapter stops the job before it starts
+        engine.resolve_lora(lora)
     if _text_mode(args):
         return TextPrinter(engine, defaults, sys.stdout).run(list(read_items(args)))
     writer = Writer(args.output, args.resume)
@@ -322,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                         initial=0, dynamic_ncols=True)
     model_name = os.path.basename(os.path.normpath(args.model)) if args.model else "SmolLM2-135M-Instruct"
     try:
-        BatchRunner(engine, writer, defaults, model_name, progress).run(read_items(args))
+        BatchRunner(engine, writer, defaults, model_name, progress, loras).run(read_items(args))
     finally:
         writer.close()
         if progress is not None:

@@ -16,7 +16,8 @@ SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requ
                "request_timeout", "max_body_bytes", "log_level", "body_read_timeout",
                "header_read_timeout", "trust_request_chat_template", "exit_on_engine_death",
                "engine_death_grace", "grpc_port", "grpc_max_message_bytes",
-               "tool_call_parser", "chat_template")
+               "tool_call_parser", "chat_template", "lora_modules",
+               "allow_runtime_lora_updates")
 
 
 PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")  # configs/ links here
@@ -62,6 +63,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile decode steps on CPU (slow first start, then cached)")
     p.add_argument("--cpu-compile-max-batch", type=int,
                    help="with --cpu-compile: decode steps of more sequences run eagerly")
+    p.add_argument("--enable-lora", action="store_true", default=None,
+                   help="serve LoRA adapters of this model (implied by --lora-modules)")
+    p.add_argument("--max-loras", type=int, help="adapters on the device at once (default 4)")
+    p.add_argument("--max-lora-rank", type=int, help="largest adapter rank (default 16)")
+    p.add_argument("--max-cpu-loras", type=int,
+                   help="adapters kept in CPU memory (default: --max-loras)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
     p.add_argument("--max-prompt-chars", type=int,
@@ -98,6 +105,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="how the model writes tool calls (auto: from its chat template)")
     p.add_argument("--chat-template", help="a Jinja chat template file to use instead of "
                                            "the tokenizer's")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) served as models by these names")
+    p.add_argument("--allow-runtime-lora-updates", action="store_true", default=False,
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death",
                    action="store_false", default=True,
                    help="keep serving 503s if the engine loop dies (default: exit 1 so a "
@@ -145,6 +156,9 @@ def serve(argv: list[str]) -> int:
     from .app import ServerSettings, build_app
 
     engine_kwargs, srv = load_settings(argv)
+    loras = lora_modules(srv.get("lora_modules"))
+    if loras:
+        engine_kwargs["enable_lora"] = True
     logging.basicConfig(level=srv.get("log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Loaded on the thread that will run it: one OpenMP thread team per process.
@@ -162,7 +176,8 @@ def serve(argv: list[str]) -> int:
         grpc_port=srv.get("grpc_port", 8001) or None, grpc_host=srv.get("host", "127.0.0.1"),
         grpc_max_message_bytes=srv.get("grpc_max_message_bytes", 64 << 20),
         tool_call_parser=srv.get("tool_call_parser", "auto"),
-        chat_template=_read_template(srv.get("chat_template")))
+        chat_template=_read_template(srv.get("chat_template")), lora_modules=loras,
+        allow_runtime_lora_updates=bool(srv.get("allow_runtime_lora_updates")))
     app = build_app(async_engine, settings)
     server = uvicorn.Server(uvicorn.Config(
         app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
@@ -174,6 +189,21 @@ def serve(argv: list[str]) -> int:
         logging.getLogger("kvserve.server").error("exiting with status 1: the engine loop died")
         return 1
     return 0
+
+
+def lora_modules(value) -> dict[str, str]:
+    """``--lora-modules a=/p b=/q`` (or in TOML, that list or a table) -> {name: path}."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for item in value:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"kvserve: --lora-modules takes NAME=PATH, got {item!r}")
+        out[name] = path
+    return out
 
 
 def _read_template(path: str | None) -> str | None:

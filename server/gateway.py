@@ -4,9 +4,11 @@ queue bound is checked for the whole request, then every prompt is queued at onc
 from __future__ import annotations
 
 import asyncio
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.async_engine import AsyncLLMEngine
+from engine.core.lora import LoRARequest
 
 from . import protocol as P
 from .metrics import Metrics
@@ -17,8 +19,13 @@ _MODEL_CHECKED = {"top_k", "logit_bias"}
 
 
 class Gateway:
-    def __init__(self, async_engine: AsyncLLMEngine, prepare_timeout: float) -> None:
+    def __init__(self, async_engine: AsyncLLMEngine, prepare_timeout: float,
+                 model_name: str = "") -> None:
         self.engine = async_engine
+        self.model_name = model_name
+        # LoRA adapters served by name ("model": "<adapter>"), each a LoRARequest
+        self.loras: dict[str, LoRARequest] = {}
+        self._lora_ids = itertools.count(1)
         self.tokenizer = async_engine.engine.tokenizer
         self.prepare_timeout = prepare_timeout
         self.metrics = Metrics(async_engine)
@@ -29,12 +36,52 @@ class Gateway:
     def close(self) -> None:
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
 
+    # ---- models and adapters -----------------------------------------------------------
+    def model(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's model name selects (None: the base model); 404 if it
+        names neither."""
+        if name is None or name == self.model_name:
+            return None
+        lora = self.loras.get(name)
+        if lora is None:
+            raise P.APIError(404, f"The model `{name:.200}` does not exist.", param="model",
+                             code="model_not_found")
+        return lora
+
+    async def add_lora(self, name, path) -> LoRARequest:
+        """Load and check an adapter (off the event loop), then serve it under ``name``."""
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise P.APIError(400, "lora_name and lora_path must be non-empty strings.")
+        if name == self.model_name or name in self.loras:
+            raise P.APIError(400, f"a model named {name!r:.200} is already being served.",
+                             param="lora_name")
+        if self.engine.engine.runner.lora is None:
+            raise P.APIError(400, "this server was started without LoRA (--enable-lora or "
+                                  "--lora-modules).", param="lora_name")
+        lora = LoRARequest(name, next(self._lora_ids), path)
+        await self.run_prep(lambda: self.engine.engine.resolve_lora(lora))
+        self.loras[name] = lora
+        return lora
+
+    def remove_lora(self, name) -> None:
+        """Stop serving an adapter: new requests get 404; the ones in flight finish on it."""
+        if self.loras.pop(name, None) is None:
+            raise P.APIError(404, f"no LoRA adapter named {name!r:.200}.", param="lora_name",
+                             code="model_not_found")
+
+    # ---- requests -----------------------------------------------------------------------
     async def start_streams(self, request_id: str, prompts: list, params,
-                            param: str = "prompt") -> list:
+                            param: str = "prompt", lora: LoRARequest | None = None) -> list:
         """Queue every prompt (all rendered and validated first, off the event loop, so a
         bad one queues nothing); a request's sequences (prompts x n) are admitted together.
         Raises P.APIError (400, 503), QueueFullError or EngineDeadError."""
         loop = asyncio.get_running_loop()
+        if lora is not None:  # its files may have changed since it was loaded: re-checked
+            try:
+                await self.run_prep(lambda: self.engine.engine.resolve_lora(lora))
+            except P.APIError as e:
+                e.param = "model"
+                raise
         checked = []
         for i, p in enumerate(prompts):
             name = param if len(prompts) == 1 else f"{param}[{i}]"
@@ -59,7 +106,8 @@ class Gateway:
         streams = []
         try:
             for i, c in enumerate(checked):
-                streams.append(self.engine.add_request(f"{request_id}-{i}", c, params))
+                streams.append(self.engine.add_request(f"{request_id}-{i}", c, params,
+                                                       lora_request=lora))
         except BaseException:
             for s in streams:
                 s.close()

@@ -28,20 +28,25 @@ class Metrics:
         # protocol: openai | generate (Triton's generate extension) | kserve-http | kserve-grpc
         self.requests = Counter("kvserve_requests", "Finished requests by outcome and protocol.",
                                 ["outcome", "protocol"], registry=r)
+        # LoRA: finished requests and generated tokens per adapter
+        self.lora_requests = Counter("kvserve_lora_requests", "Finished requests per LoRA "
+                                     "adapter.", ["adapter"], registry=r)
+        self.lora_tokens = Counter("kvserve_lora_generation_tokens", "Tokens generated per "
+                                   "LoRA adapter.", ["adapter"], registry=r)
         r.register(_EngineCollector(async_engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self, protocol: str = "openai") -> "RequestTimer":
-        return RequestTimer(self, protocol)
+    def timer(self, protocol: str = "openai", adapter: str | None = None) -> "RequestTimer":
+        return RequestTimer(self, protocol, adapter)
 
 
 class RequestTimer:
     """Observes one request's TTFT, inter-token latencies, queue time and e2e latency."""
 
-    def __init__(self, metrics: Metrics, protocol: str) -> None:
-        self.metrics, self.protocol = metrics, protocol
+    def __init__(self, metrics: Metrics, protocol: str, adapter: str | None = None) -> None:
+        self.metrics, self.protocol, self.adapter = metrics, protocol, adapter
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.queue_seen = False
@@ -64,6 +69,9 @@ class RequestTimer:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(generated)
         self.metrics.requests.labels(outcome, self.protocol).inc()
+        if self.adapter is not None:
+            self.metrics.lora_requests.labels(self.adapter).inc()
+            self.metrics.lora_tokens.labels(self.adapter).inc(generated)
 
 
 class _EngineCollector:
@@ -85,5 +93,7 @@ class _EngineCollector:
                                 value=s["prefix_cache_hits"] / queries if queries else 0.0)
         yield CounterMetricFamily("kvserve_num_preemptions", "Requests preempted.",
                                   value=s["num_preemptions"])
+        yield GaugeMetricFamily("kvserve_lora_slots_in_use", "LoRA slots held by running "
+                                "requests.", value=s.get("lora_slots_in_use", 0))
         yield GaugeMetricFamily("kvserve_engine_alive", "1 while the engine loop runs.",
                                 value=1.0 if self.async_engine.is_running else 0.0)

@@ -233,7 +233,9 @@ SCHEMAS: dict = {
         "data": {"type": "array", "items": {"type": "object", "properties": {
             "id": {"type": "string"}, "object": {"type": "string"},
             "created": {"type": "integer"}, "owned_by": {"type": "string"},
-            "max_model_len": {"type": "integer"}}}}}},
+            "max_model_len": {"type": "integer"}, "root": {"type": "string"},
+            "parent": {"type": "string", "nullable": True,
+                       "description": "The base model, for a LoRA adapter."}}}}}},
     "TritonModel": {"type": "object", "properties": {
         "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
         "platform": {"type": "string"}, "inputs": {"type": "array", "items": {"type": "object"}},
@@ -359,6 +361,18 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
                                                    "Completion", "optional")},
         "/v1/models": {"get": _get("The served model.",
                                    _json(_ref("ModelList"), "One model."), "401", secured=True)},
+        **{f"/v1/{verb}_lora_adapter": {"post": {
+            "summary": f"vLLM's runtime LoRA {verb} (needs --allow-runtime-lora-updates; 404 "
+                       f"otherwise).",
+            "security": [{"bearerAuth": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["lora_name"] + (["lora_path"] if verb == "load"
+                                                               else []),
+                "properties": {"lora_name": {"type": "string"},
+                               "lora_path": {"type": "string"}}}}}},
+            "responses": {"200": {"description": "Done.", "content": {
+                "text/plain": {"schema": {"type": "string"}}}},
+                **_errors("400", "401", "404", "503")}}} for verb in ("load", "unload")},
         "/tokenize": {"post": {
             "summary": "vLLM's /tokenize: a prompt, or chat messages through the template.",
             "security": [{"bearerAuth": []}],

@@ -496,7 +496,8 @@ def live_schema(server):
     assert (served, with_inputs) == (OPERATIONS, WITH_INPUTS)
     assert sorted(served) == sorted([  # every route of server/app.py, documented
         "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health",
-        "POST /tokenize", "POST /detokenize",
+        "POST /tokenize", "POST /detokenize", "POST /v1/load_lora_adapter",
+        "POST /v1/unload_lora_adapter",
         "GET /metrics", "GET /version", "GET /v2", "GET /v2/health/live",
         "GET /v2/health/ready", "POST /v2/repository/index",
         *(f"{method} {base}{tail}" for base in ("/v2/models/{model}",

@@ -13,6 +13,7 @@ they are without LoRA, and keep their CUDA graphs / compiled decode.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 
 import torch
@@ -74,6 +75,8 @@ class LoRAModel:
         self.max_cpu_loras = max_cpu_loras
         self.paths: dict[str, tuple[str, str]] = {}  # key -> (name, path): reload if evicted
         self._resolved: dict[str, tuple[tuple, str]] = {}  # path -> (file stats, key)
+        # resolve() runs on a server's prompt-preparation thread, set_slot() on the engine's
+        self._lock = threading.Lock()
 
     def _wrap(self, model, i: int, parent: nn.Module, name: str) -> None:
         outs, in_features = self.shapes.setdefault(name, _shapes(model.cfg)[name])
@@ -93,35 +96,41 @@ class LoRAModel:
             signature = tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, files))
         except OSError:
             signature = None  # load_adapter says what is missing
-        hit = self._resolved.get(path)
-        if signature is not None and hit is not None and hit[0] == signature \
-                and hit[1] in self.cache:
-            self.paths[hit[1]] = (name, path)
-            self.cache.move_to_end(hit[1])
-            return hit[1]
+        with self._lock:
+            hit = self._resolved.get(path)
+            if signature is not None and hit is not None and hit[0] == signature \
+                    and hit[1] in self.cache:
+                self.paths[hit[1]] = (name, path)
+                self.cache.move_to_end(hit[1])
+                return hit[1]
         key = adapter_key(path) if signature is not None else ""
         self.load(name, path, key)
-        self._resolved[path] = (signature, key)
+        with self._lock:
+            self._resolved[path] = (signature, key)
         return key
 
     def load(self, name: str, path: str, key: str) -> LoRAAdapter:
         """The adapter's CPU copy (read from disk unless cached), checked against the model."""
-        adapter = self.cache.get(key)
-        if adapter is None:
+        with self._lock:
+            adapter = self.cache.get(key)
+        if adapter is None:  # read and checked outside the lock: it takes a while
             adapter = load_adapter(name, path, self.num_layers, self.shapes, self.max_rank)
             if adapter.key != key:  # the files changed under us between hashing and reading
                 raise ValueError(f"LoRA adapter {name!r}: its files changed while loading.")
+        with self._lock:
             self.cache[key] = adapter
+            self.cache.move_to_end(key)
             while len(self.cache) > self.max_cpu_loras:
                 self.cache.popitem(last=False)
-        self.cache.move_to_end(key)
-        self.paths[key] = (name, path)
+            self.paths[key] = (name, path)
         return adapter
 
     @torch.inference_mode()
     def set_slot(self, slot: int, key: str) -> None:
         """Write an adapter's weights into a slot (between steps)."""
-        adapter = self.load(*self.paths[key], key)
+        with self._lock:
+            name, path = self.paths[key]
+        adapter = self.load(name, path, key)
         for (i, name), layer in self.layers.items():
             width, R = layer.width, self.max_rank
             cols = slice(slot * width, (slot + 1) * width)

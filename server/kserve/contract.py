@@ -62,6 +62,7 @@ class InferJob:
     user_logprobs: bool = False  # the client asked for logprobs (else "null", as vLLM)
     timeout: float | None = None  # seconds, from the request's `timeout` parameter (us)
     id: str = ""
+    lora_name: str | None = None  # the vLLM backend's sampling_parameters.lora_name
 
 
 def parse_job(tensors: list[Tensor], parameters: dict, requested: list[str] | None,
@@ -108,6 +109,9 @@ def parse_job(tensors: list[Tensor], parameters: dict, requested: list[str] | No
               if k not in _RESERVED and not k.startswith("triton_")}
     if "sampling_parameters" in by_name:
         fields.update(_json_params(by_name["sampling_parameters"].data[0]))
+    lora_name = fields.pop("lora_name", None)
+    if lora_name is not None and (not isinstance(lora_name, str) or not lora_name):
+        raise V2Error.bad("sampling_parameters: lora_name must be an adapter's name")
     kwargs = _sampling_kwargs(fields)
     kwargs.update(_structured(kwargs))
     if "logit_bias" in kwargs:
@@ -124,7 +128,7 @@ def parse_job(tensors: list[Tensor], parameters: dict, requested: list[str] | No
     except ValueError as e:
         raise V2Error.bad(f"sampling_parameters: {e}") from e
     return InferJob(prompts, params, stream, prepend, outputs, user_logprobs,
-                    _timeout(parameters.get("timeout")))
+                    _timeout(parameters.get("timeout")), lora_name=lora_name)
 
 
 def _json_params(raw: bytes) -> dict:

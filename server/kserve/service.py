@@ -67,8 +67,9 @@ class InferService:
 
     async def _start(self, job: InferJob) -> list:
         with engine_errors():
+            lora = self.gateway.model(job.lora_name) if job.lora_name else None
             return await self.gateway.start_streams(P.new_id("v2"), job.prompts, job.params,
-                                                    "text_input")
+                                                    "text_input", lora)
 
     async def unary(self, job: InferJob, protocol: str) -> list[Tensor]:
         """Run to the end; the one response's tensors."""
@@ -83,7 +84,7 @@ class InferService:
         """(tensors, is_last) per response: every change when the job streams, else one at
         the end. Raises V2Error; a consumer that stops early aborts the job."""
         streams = await self._start(job)
-        timer = self.gateway.metrics.timer(protocol)
+        timer = self.gateway.metrics.timer(protocol, job.lora_name)
         builder = ResponseBuilder(job, self.decode)
         latest: list = [_nothing_yet(job.params.n)] * len(streams)
         finished = [False] * len(streams)
