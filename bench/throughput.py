@@ -3,6 +3,7 @@ transformers and/or vLLM as baselines in the same run.
 
     python bench/throughput.py --num-prompts 64 --input-len 128 --output-len 128 --baseline hf
     python bench/throughput.py ... --baseline vllm --vllm-python /path/to/vllm-venv/bin/python
+    python bench/throughput.py ... --lora 4     # requests spread over 4 adapters vs none
 
 vLLM runs in a subprocess with the python of its own venv (its torch pin is its own), on
 the same token ids, after kvserve, while this process waits.
@@ -13,6 +14,7 @@ fraction of the matmul floor (model FLOPs / measured peak matmul FLOP/s of this 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -54,6 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--hf-batch-size", type=int, default=64, help="padded generate() batch size")
     p.add_argument("--hf-generate-batch", action="store_true",
                    help="also time transformers' continuous-batching generate_batch (slow)")
+    p.add_argument("--lora", type=int, default=0, metavar="N",
+                   help="also run the same requests spread over N random LoRA adapters "
+                        "(round robin) and report the time against the base model alone")
+    p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--output", help="write the JSON here too")
     return p.parse_args(argv)
 
@@ -70,15 +76,71 @@ def make_requests(args, vocab: int):
              length(args.output_len)) for _ in range(args.num_prompts)]
 
 
-def run_kvserve(llm: LLM, requests) -> float:
+def run_kvserve(llm: LLM, requests, loras=None) -> float:
     prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    llm.generate(prompts[:2], params[:2], use_tqdm=False,
+                 lora_request=loras[:2] if loras else None)  # warm-up
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == n for o, (_, n) in zip(outs, requests))
     return elapsed
+
+
+def write_adapters(llm: LLM, n: int, rank: int, root: str) -> list[str]:
+    """N random PEFT-format adapters on all seven projections, written as PEFT saves them."""
+    from safetensors.torch import save_file
+
+    cfg = llm.engine.model_config
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+              "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
+              "mlp.down_proj": (inter, h)}
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(n):
+        weights = {}
+        for layer in range(cfg.num_hidden_layers):
+            for name, (fan_in, fan_out) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{name}"
+                weights[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 0.01
+                weights[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+        path = os.path.join(root, f"adapter{i}")
+        os.makedirs(path)
+        save_file(weights, os.path.join(path, "adapter_model.safetensors"))
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                       "target_modules": [n.split(".")[1] for n in shapes]}, f)
+        paths.append(path)
+    return paths
+
+
+def run_lora(llm: LLM, requests, n: int, rank: int) -> dict:
+    """Base alone vs the requests spread over n adapters, twice each (A B B A)."""
+    import tempfile
+
+    from engine import LoRARequest
+
+    with tempfile.TemporaryDirectory() as root:
+        paths = write_adapters(llm, n, rank, root)
+        start = time.perf_counter()
+        llm.engine.resolve_lora(LoRARequest("probe", 99, paths[0]))
+        load_s = time.perf_counter() - start  # read + check + hash, from disk
+        start = time.perf_counter()
+        llm.engine.runner.lora.set_slot(0, llm.engine.resolve_lora(LoRARequest("probe", 99,
+                                                                               paths[0])))
+        slot_s = time.perf_counter() - start  # into a device slot
+        loras = [LoRARequest(f"a{i}", i + 1, p) for i, p in enumerate(paths)]
+        mixed = [loras[i % n] for i in range(len(requests))]
+        times = {"base": [], "mixed": []}
+        for kind in ("base", "mixed", "mixed", "base"):
+            times[kind].append(run_kvserve(llm, requests, mixed if kind == "mixed" else None))
+    base, lora = min(times["base"]), min(times["mixed"])
+    return {"adapters": n, "rank": rank, "base_seconds": times["base"],
+            "mixed_seconds": times["mixed"], "ratio_mixed_over_base": lora / base,
+            "adapter_load_from_disk_s": load_s, "adapter_into_slot_s": slot_s}
 
 
 def run_hf_padded(model, requests, batch_size: int, pad_id: int) -> float:
@@ -163,6 +225,8 @@ def main(argv=None) -> int:
     kw = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                             ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
     engine_args = parse_engine_args(args.engine_arg)
+    if args.lora:
+        engine_args.update(enable_lora=True, max_loras=args.lora, max_lora_rank=args.lora_rank)
     llm = LLM(args.model, dtype=args.dtype, **kw, **engine_args)
     requests = make_requests(args, llm.engine.model_config.vocab_size)
     n_in = sum(len(ids) for ids, _ in requests)
@@ -177,6 +241,8 @@ def main(argv=None) -> int:
     floor = floor_seconds(llm, requests, peak)
     result["floor"] = {"peak_matmul_gflops": peak / 1e9, "seconds": floor,
                        "fraction_of_floor": floor / elapsed}
+    if args.lora:
+        result["lora"] = run_lora(llm, requests, args.lora, args.lora_rank)
     baselines = set(args.baseline or ()) - {"none"}
     if "vllm" in baselines:
         t, version = run_vllm(args, llm, requests)

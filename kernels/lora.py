@@ -13,7 +13,8 @@ s >= 0 gets ``x[t] @ a[:, s] @ b[s]``; slot -1 (no adapter) gets nothing.
 the step uses (a contiguous range lo..hi), a one-hot mask that keeps each token's own slot,
 one expand matmul: two GEMMs per projection whatever the mix, instead of a gather, two
 matmuls and a scatter per adapter. ``lora_delta_triton`` (CUDA) is the per-token shrink and
-expand kernels, checked against it under ``TRITON_INTERPRET=1``.
+expand kernels in kernels/lora_triton.py, checked against it under
+``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import torch
 
 
 def lora_delta_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                     onehot: torch.Tensor | None, lo: int, hi: int, width: int) -> torch.Tensor:
-    """Delta [T, out] for tokens whose slots lie in lo..hi-1.
+                     onehot: torch.Tensor | None, lo: int, hi: int, width: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Delta [T, out] for tokens whose slots lie in lo..hi-1 (added into ``out`` in place,
+    one addmm, when it is given).
 
     ``onehot`` [T, hi - lo] (x's dtype) marks each token's slot; None when every token uses
     slot lo (then hi == lo + 1 and no mask is needed)."""
@@ -30,6 +33,8 @@ def lora_delta_torch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     if onehot is not None:
         T = x.shape[0]
         shrunk = (shrunk.view(T, hi - lo, width) * onehot.unsqueeze(-1)).view(T, -1)
+    if out is not None:
+        return out.addmm_(shrunk, b[lo * width:hi * width])
     return shrunk @ b[lo * width:hi * width]
 
 

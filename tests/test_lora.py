@@ -168,7 +168,11 @@ def test_prefix_cache_never_crosses_adapters(tiny_models, adapters, tmp_path):
                            lora_request=lora)[0]
         return out.outputs[0].token_ids, out.num_cached_tokens
 
-    lora_a, oracle_a = adapters["A"]
+    import shutil
+
+    own = str(tmp_path / "A")  # a copy: rewritten below, the shared fixture stays as it is
+    shutil.copytree(adapters["A"][0].lora_path, own)
+    lora_a, oracle_a = LoRARequest("A", 1, own), adapters["A"][1]
     first, cached = run(lora_a)
     assert cached == 0 and first == hf_greedy(oracle_a, prompt, 8)
     again, cached = run(lora_a)
@@ -176,7 +180,7 @@ def test_prefix_cache_never_crosses_adapters(tiny_models, adapters, tmp_path):
     under_b, cached = run(adapters["B"][0])
     assert cached == 0 and under_b == hf_greedy(adapters["B"][1], prompt, 8)
     # A's files rewritten with other weights, same name and id: another adapter
-    path = str(tmp_path / "A2")
+    path = str(tmp_path / "A2")  # new weights
     oracle = save_adapter(adapters[None][1], path, seed=99, r=4, lora_alpha=8,
                           use_rslora=True, target_modules=ALL)
     for name in os.listdir(path):
@@ -254,3 +258,33 @@ def test_no_op_adapter_and_lora_off_are_refused(tiny_models, adapters, tmp_path)
         greedy(plain, [[1, 2]], adapters["A"][0], 2)
     with pytest.raises(ValueError, match="lora_int_id"):
         LoRARequest("x", 0, str(path))
+
+
+def test_adapters_on_the_cpu_fast_paths(tiny_models, adapters):
+    """int8 x int8 projections, fused C++ ops and a bf16 KV pool under the adapters: base
+    requests are exactly what the same engine gives without LoRA; adapter requests follow
+    PEFT closely (the fast paths are not fp32-exact) and differ from the base."""
+    from kernels import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("C++ CPU ops not built")
+    fast = dict(quantization="int8", kv_cache_dtype="bfloat16")
+    llm = lora_llm(tiny_models, max_loras=2, **fast)
+    plain = LLM(tiny_models("llama")[0], skip_tokenizer_init=True, dtype="float32",
+                num_kv_blocks=256, **fast)
+    prompt = prompts([12], seed=7)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    runs = {}
+    for name in (None, "A"):
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False,
+                           lora_request=adapters[name][0])[0]
+        runs[name] = out
+        with torch.no_grad():
+            ref = torch.log_softmax(adapters[name][1](torch.tensor([prompt])).logits[0], -1)
+        err = max(abs(e[prompt[k + 1]].logprob - ref[k, prompt[k + 1]].item())
+                  for k, e in enumerate(out.prompt_logprobs[1:]))
+        assert err < 0.25, (name, err)
+    base = plain.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    assert runs[None].outputs[0].token_ids == base.outputs[0].token_ids
+    assert [e for e in runs[None].prompt_logprobs] == [e for e in base.prompt_logprobs]
+    assert runs["A"].prompt_logprobs != runs[None].prompt_logprobs

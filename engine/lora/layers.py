@@ -50,11 +50,11 @@ class LoRALinear(nn.Module):
         if not step.active:
             return out
         if step.triton:
-            from kernels.lora import lora_delta_triton
+            from kernels.lora_triton import lora_delta_triton
 
             return out + lora_delta_triton(x, self.a, self.b, step.token_slot, self.width)
-        return out + lora_delta_torch(x, self.a, self.b, step.onehot, step.lo, step.hi,
-                                      self.width)
+        return lora_delta_torch(x, self.a, self.b, step.onehot, step.lo, step.hi, self.width,
+                                out=out)
 
 
 class LoRAModel:
