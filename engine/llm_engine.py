@@ -226,14 +226,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         failed_grammars = self._admit_compiled() if self.pending_grammars else []
         sched = self.scheduler.schedule()
-        if self.scheduler.lora_slots is not None:
-            for slot, key in self.scheduler.lora_slots.take_loads():
-                self.runner.lora.set_slot(slot, key)
+        lora_failed = self._load_lora_slots(sched) if self.scheduler.lora_slots else []
         if sched.is_empty:
             if self.pending_grammars and not failed_grammars:  # only compiles: do not spin
                 concurrent.futures.wait([p.future for p in self.pending_grammars.values()],
                                         timeout=0.005, return_when="FIRST_COMPLETED")
-            return [self._make_output(p) for p in failed_grammars]
+            return [self._make_output(p) for p in failed_grammars + lora_failed]
         if faults.enabled():
             faults.check("fatal", [s.request for s in sched.scheduled])
         sampled, logprobs, failed = self._execute(sched.scheduled)
@@ -259,9 +257,27 @@ class LLMEngine:
                 parent = self.parents.get(req.parent_id)
             if parent is not None:
                 touched[parent.request_id] = parent
-        for parent in failed_grammars:
+        for parent in failed_grammars + lora_failed:
             touched[parent.request_id] = parent
         return [self._make_output(p) for p in touched.values()]
+
+    def _load_lora_slots(self, sched) -> list[_Parent]:
+        """Write the adapters the scheduler gave slots into them. One that cannot be read
+        back (its files changed or went away after it was accepted, and it had left the CPU
+        cache) fails the requests using it, not the step. Returns their parents."""
+        failed: dict[str, _Parent] = {}
+        for slot, key in self.scheduler.lora_slots.take_loads():
+            try:
+                self.runner.lora.set_slot(slot, key)
+            except Exception as e:  # noqa: BLE001 - that adapter's requests, not the engine
+                logger.error("loading a LoRA adapter into slot %d failed: %s", slot, e)
+                for s in [s for s in sched.scheduled if s.request.lora_key == key]:
+                    parent = self._fail(s.request, e)
+                    if parent is not None:
+                        failed[parent.request_id] = parent
+                sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]
+                self.scheduler.lora_slots.forget(key)  # the next request reloads it
+        return list(failed.values())
 
     # ---- structured outputs ------------------------------------------------------------
     def _admit_compiled(self) -> list[_Parent]:

@@ -288,3 +288,28 @@ def test_adapters_on_the_cpu_fast_paths(tiny_models, adapters):
     assert runs[None].outputs[0].token_ids == base.outputs[0].token_ids
     assert [e for e in runs[None].prompt_logprobs] == [e for e in base.prompt_logprobs]
     assert runs["A"].prompt_logprobs != runs[None].prompt_logprobs
+
+
+def test_an_adapter_gone_before_its_slot_load_fails_only_its_requests(tiny_models, adapters,
+                                                                      tmp_path):
+    import shutil
+
+    llm = lora_llm(tiny_models, max_loras=1)
+    engine = llm.engine
+    own = str(tmp_path / "A")
+    shutil.copytree(adapters["A"][0].lora_path, own)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine.add_request("gone", {"prompt_token_ids": [1, 2, 3]}, params,
+                       lora_request=LoRARequest("A", 1, own))
+    engine.add_request("base", {"prompt_token_ids": [4, 5, 6]}, params)
+    shutil.rmtree(own)  # accepted, then deleted before it ever reached a slot
+    engine.runner.lora.cache.clear()
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    assert outs["gone"].outputs[0].finish_reason == "error" and "'A'" in outs["gone"].error
+    assert outs["base"].outputs[0].token_ids == hf_greedy(adapters[None][1], [4, 5, 6], 4)
+    assert greedy(llm, [[7, 8]], adapters["B"][0], 4) == [hf_greedy(adapters["B"][1], [7, 8], 4)]
+    assert_no_leak(engine)
