@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import itertools
 import json
 import logging
 import os
@@ -169,11 +168,8 @@ class _API:
         self.settings = settings
         self.gateway = Gateway(async_engine, settings.prepare_timeout,
                                settings.served_model_name)
-        for name, path in (settings.lora_modules or {}).items():  # a bad one fails the start
-            lora = LoRARequest(name, len(self.gateway.loras) + 1, path)
-            async_engine.engine.resolve_lora(lora)
-            self.gateway.loras[name] = lora
-        self.gateway._lora_ids = itertools.count(len(self.gateway.loras) + 1)
+        for name, path in (settings.lora_modules or {}).items():
+            self.gateway.load_lora_now(name, path)
         self.start_streams = self.gateway.start_streams
         self.metrics = self.gateway.metrics
         self.tokenizer = self.gateway.tokenizer

@@ -48,8 +48,7 @@ class Gateway:
                              code="model_not_found")
         return lora
 
-    async def add_lora(self, name, path) -> LoRARequest:
-        """Load and check an adapter (off the event loop), then serve it under ``name``."""
+    def _new_lora(self, name, path) -> LoRARequest:
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise P.APIError(400, "lora_name and lora_path must be non-empty strings.")
         if name == self.model_name or name in self.loras:
@@ -58,7 +57,17 @@ class Gateway:
         if self.engine.engine.runner.lora is None:
             raise P.APIError(400, "this server was started without LoRA (--enable-lora or "
                                   "--lora-modules).", param="lora_name")
-        lora = LoRARequest(name, next(self._lora_ids), path)
+        return LoRARequest(name, next(self._lora_ids), path)
+
+    def load_lora_now(self, name: str, path: str) -> None:
+        """At start-up (before serving): a bad adapter raises and fails the start."""
+        lora = self._new_lora(name, path)
+        self.engine.engine.resolve_lora(lora)
+        self.loras[name] = lora
+
+    async def add_lora(self, name, path) -> LoRARequest:
+        """Load and check an adapter (off the event loop), then serve it under ``name``."""
+        lora = self._new_lora(name, path)
         await self.run_prep(lambda: self.engine.engine.resolve_lora(lora))
         self.loras[name] = lora
         return lora

@@ -132,6 +132,12 @@ def test_load_serve_and_unload_at_run_time(client, lora_env, smol_llm):
     r = post(base, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path + "-missing"})
     assert r.status_code == 400 and "'x'" in r.json()["error"]["message"]
     assert post(base, "/v1/load_lora_adapter", {"lora_name": "y"}).status_code == 400
+    for bad in ({"lora_name": 5, "lora_path": path}, {"lora_name": "", "lora_path": path},
+                {"lora_name": BASE, "lora_path": path}, {"lora_name": "z", "lora_path": ["x"]},
+                {"lora_name": "z" * 100_000, "lora_path": "\x00"}):
+        r = post(base, "/v1/load_lora_adapter", bad)
+        assert r.status_code == 400 and r.json()["error"]["message"], bad
+    assert post(base, "/v1/unload_lora_adapter", {"lora_name": None}).status_code == 404
     assert completion(client, "gamma", ids) == gamma
 
     # unloading while a request runs on it: that request finishes, new ones get 404
