@@ -84,6 +84,11 @@ class AsyncLLMEngine:
         return self._task is not None and not self._task.done() and self.dead_error is None
 
     @property
+    def num_streams(self) -> int:
+        """Requests with an open stream (added and not yet closed)."""
+        return len(self._streams)
+
+    @property
     def num_waiting(self) -> int:
         """Sequences waiting (a request with n completions counts n)."""
         return self.stats["num_waiting"] + sum(params.n for _, _, params, *_ in self._adds)

@@ -432,6 +432,14 @@ class LLMEngine:
         self.runner.drop_request(req.request_id)
 
     # ---- introspection -----------------------------------------------------------------
+    def memory_bytes(self) -> dict[str, int]:
+        """{"weights", "kv_cache"}: bytes this engine holds on its device."""
+        return self.runner.memory_bytes()
+
+    def close(self) -> None:
+        """Stop the grammar thread; the engine is not used after this."""
+        self.grammars.close()
+
     def get_stats(self) -> dict:
         pool = self.kv_cache.pool
         return {

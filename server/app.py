@@ -22,13 +22,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestFailedError
-from engine.core.lora import LoRARequest
 
 from . import protocol as P
 from .gateway import Gateway
 from .http_body import read_body, until_disconnect
 from .kserve.http import KServeHTTP
 from .kserve.service import InferService
+from .metrics import Metrics
+from .registry.admin import RepositoryAdmin, model_cards
+from .registry.config import VersionSpec
+from .registry.registry import Registry, Target
 from .shaping import ChatShaper, CompletionShaper
 from .streams import ChoiceState, merge
 from .tools.parsers import parser_for
@@ -69,20 +72,42 @@ class ServerSettings:
     # enable_lora), and whether POST /v1/load_lora_adapter and /unload_lora_adapter work.
     lora_modules: dict[str, str] | None = None
     allow_runtime_lora_updates: bool = False
+    # The registry's admin API (/v2/repository/...: load, unload, traffic) takes this key
+    # and no other; None: the admin API is off (the index stays readable with the API key).
+    admin_key: str | None = None
 
 
-def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlette:
-    api = _API(async_engine, settings)
-    kserve = InferService(api.gateway, settings.served_model_name,
-                          request_timeout=settings.request_timeout)
+def build_app(async_engine: AsyncLLMEngine | None, settings: ServerSettings,
+              registry_spec=None, make_engine=None) -> Starlette:
+    """One model (``async_engine``, served as ``settings.served_model_name``), or a
+    registry config (``registry_spec``, each full version built by ``make_engine(kwargs)``
+    on a thread while the server starts)."""
+    metrics_rows: list = []
+    metrics = Metrics(lambda: metrics_rows[0]())
+    registry = Registry(make_engine, lambda e: _gateway(e, settings), metrics,
+                        request_timeout=settings.request_timeout)
+    metrics_rows.append(registry.rows)
+    if async_engine is not None:
+        registry.adopt(settings.served_model_name, "1", async_engine)
+        for name, path in (settings.lora_modules or {}).items():
+            registry.adopt_lora(name, path, settings.served_model_name)
+    api = _API(registry, settings, metrics)
+    kserve = InferService(registry, metrics, request_timeout=settings.request_timeout)
     v2_http = KServeHTTP(kserve, api.check_auth, VERSION, settings.max_body_bytes,
                          settings.body_read_timeout)
+    admin = RepositoryAdmin(registry, api, settings.admin_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        async_engine.start()
-        if settings.exit_on_engine_death_after is not None:
-            async_engine.on_dead.append(lambda e: _exit_later(settings))
+        if async_engine is not None:
+            async_engine.start()
+        else:
+            try:
+                await registry.start(registry_spec)
+            except BaseException:
+                await registry.close()  # the versions that did load
+                raise
+        registry.start_background()
         grpc_server = None
         try:
             if settings.grpc_port:
@@ -90,13 +115,12 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
 
                 grpc_server = await start_grpc_server(
                     kserve, settings.grpc_host, settings.grpc_port, settings.api_key, VERSION,
-                    settings.grpc_max_message_bytes)
+                    settings.grpc_max_message_bytes, settings.admin_key)
             yield
         finally:
             if grpc_server is not None:
                 await grpc_server.stop(grace=1.0)  # cancels open calls: their requests abort
-            api.gateway.close()
-            await async_engine.stop()
+            await registry.close()
 
     routes = [
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -111,12 +135,32 @@ def build_app(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Starlet
         Route("/version", api.version, methods=["GET"]),
         Route("/v2/models/{model}/generate", api.triton_generate, methods=["POST"]),
         Route("/v2/models/{model}/generate_stream", api.triton_generate_stream, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/generate", api.triton_generate,
+              methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/generate_stream",
+              api.triton_generate_stream, methods=["POST"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/", api.playground, methods=["GET"]),
         *v2_http.routes(),
+        *admin.routes(),
     ]
     handlers = {HTTPException: _http_error, Exception: _internal_error}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    app.state.registry = registry  # the models, versions and their engines
+    return app
+
+
+def _gateway(async_engine: AsyncLLMEngine, settings: ServerSettings) -> Gateway:
+    """A loaded engine's gateway, with the server's chat template and tool-call parser."""
+    gateway = Gateway(async_engine, settings.prepare_timeout)
+    tokenizer = gateway.tokenizer
+    if settings.chat_template is not None and tokenizer is not None:
+        tokenizer.chat_template = settings.chat_template
+    gateway.tool_parser = parser_for(settings.tool_call_parser,
+                                     getattr(tokenizer, "chat_template", None))
+    if settings.exit_on_engine_death_after is not None:  # any model's: a supervisor restarts
+        async_engine.on_dead.append(lambda e: _exit_later(settings))
+    return gateway
 
 
 def _exit_later(settings: ServerSettings) -> None:
@@ -163,21 +207,10 @@ def _guarded(handler):
 
 
 class _API:
-    def __init__(self, async_engine: AsyncLLMEngine, settings: ServerSettings) -> None:
-        self.engine = async_engine
+    def __init__(self, registry: Registry, settings: ServerSettings, metrics: Metrics) -> None:
+        self.registry = registry
         self.settings = settings
-        self.gateway = Gateway(async_engine, settings.prepare_timeout,
-                               settings.served_model_name)
-        for name, path in (settings.lora_modules or {}).items():
-            self.gateway.load_lora_now(name, path)
-        self.start_streams = self.gateway.start_streams
-        self.metrics = self.gateway.metrics
-        self.tokenizer = self.gateway.tokenizer
-        self.token_text = P.TokenText(self.tokenizer)
-        if settings.chat_template is not None and self.tokenizer is not None:
-            self.tokenizer.chat_template = settings.chat_template
-        self.tool_parser = parser_for(settings.tool_call_parser,
-                                      getattr(self.tokenizer, "chat_template", None))
+        self.metrics = metrics
 
     # ---- plumbing ----------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -195,12 +228,16 @@ class _API:
         return P.parse_json(await read_body(request, self.settings.max_body_bytes,
                                             self.settings.body_read_timeout))
 
-    def check_model(self, name) -> LoRARequest | None:
-        """The LoRA adapter a request's ``model`` selects (None: the base); 404 if unknown."""
-        return self.gateway.model(name)
-
-    def model_name(self, lora: LoRARequest | None) -> str:
-        return self.settings.served_model_name if lora is None else lora.lora_name
+    async def route(self, request: Request, body: dict, name=None, version=None) -> Target:
+        """The model version a request runs on: ``model`` ("m" or "m:v"; the default model
+        when absent) and, for the weighted split, the routing key: OpenAI's ``user``, else
+        the x-user-id header, else none (a random point). No ``await`` may come between this
+        and the target's start_streams (see server/registry/registry.py)."""
+        if name is None:
+            name = P.field(body, "model", "str")
+        user = body.get("user")
+        key = user if isinstance(user, str) and user else request.headers.get("x-user-id")
+        return await self.registry.route(name, version, key)
 
     async def run_to_end(self, request: Request, streams, timer):
         """Non-streamed: the final output of each prompt. A client that hangs up or a passed
@@ -228,34 +265,41 @@ class _API:
     @_guarded
     async def completions(self, request: Request):
         body = await self.read_json(request)
-        lora = self.check_model(P.field(body, "model", "str"))
         req = P.parse_completion(body)
+        t = await self.route(request, body)
         rid = P.new_id("cmpl")
-        streams = await self.start_streams(rid, req.prompts, req.params, lora=lora)
-        shaper = CompletionShaper(self.token_text, self.model_name(lora), rid,
-                                  req.params, req.echo, req.prompt_logprobs)
-        return await self.respond(request, streams, shaper, req, lora)
+        streams = await t.gateway.start_streams(rid, req.prompts, req.params, lora=t.lora)
+        shaper = CompletionShaper(t.gateway.token_text, t.reported, rid,
+                                  req.params, req.echo, req.prompt_logprobs, req.return_token_ids)
+        return await self.respond(request, streams, shaper, req, t)
 
     @_guarded
     async def chat(self, request: Request):
         body = await self.read_json(request)
-        lora = self.check_model(P.field(body, "model", "str"))
-        req = P.parse_chat(body, self.tokenizer, self.settings.trust_request_chat_template,
-                           self.engine.engine.max_prompt_chars, self.tool_parser)
+        t = await self.route(request, body)
+        g = t.gateway
+        req = P.parse_chat(body, g.tokenizer, self.settings.trust_request_chat_template,
+                           g.engine.engine.max_prompt_chars, g.tool_parser)
         rid = P.new_id("chatcmpl")
-        streams = await self.start_streams(rid, req.prompts, req.params, "messages", lora)
-        shaper = ChatShaper(self.token_text, self.model_name(lora), rid, req.params,
+        streams = await g.start_streams(rid, req.prompts, req.params, "messages", t.lora)
+        shaper = ChatShaper(g.token_text, t.reported, rid, req.params,
                             req.params.logprobs or 0, req.tools)
-        return await self.respond(request, streams, shaper, req, lora)
+        return await self.respond(request, streams, shaper, req, t)
+
+    def timer(self, t: Target, protocol: str = "openai"):
+        return self.metrics.timer(protocol, None if t.lora is None else t.lora.lora_name,
+                                  (t.model, t.version))
 
     async def respond(self, request: Request, streams, shaper, req: P.ParsedRequest,
-                      lora: LoRARequest | None = None):
-        timer = self.metrics.timer(adapter=None if lora is None else lora.lora_name)
+                      t: Target):
+        timer = self.timer(t)
+        headers = {"x-kvserve-model-version": t.version}
         if req.stream:
-            return EventSourceResponse(self.sse(streams, shaper, timer, req.stream_options), ping=15)
+            return EventSourceResponse(self.sse(streams, shaper, timer, req.stream_options),
+                                       ping=15, headers=headers)
         finals = await self.run_to_end(request, streams, timer)
         timer.finish("ok", *shaper.token_counts(finals))
-        return JSONResponse(shaper.full_response(finals))
+        return JSONResponse(shaper.full_response(finals), headers=headers)
 
     async def sse(self, streams, ctx, timer, opts: P.StreamOptions):
         """One SSE event per delta; [DONE] at the end. Cancellation (client gone) aborts."""
@@ -295,51 +339,49 @@ class _API:
     async def tokenize(self, request: Request):
         """vLLM's /tokenize: a prompt, or chat messages through the template, to token ids."""
         body = await self.read_json(request)
-        self.check_model(P.field(body, "model", "str"))
+        g = (await self.route(request, body)).gateway
+        engine = g.engine.engine
         special = P.field(body, "add_special_tokens", "bool", True)
         if "messages" in body:
-            req = P.parse_chat({**body, "max_tokens": 1}, self.tokenizer,
+            req = P.parse_chat({**body, "max_tokens": 1}, g.tokenizer,
                                self.settings.trust_request_chat_template,
-                               self.engine.engine.max_prompt_chars, self.tool_parser)
+                               engine.max_prompt_chars, g.tool_parser)
             job = req.prompts[0]
         else:
             text = P.field(body, "prompt", "str")
             if text is None:
                 raise P.bad_field("prompt", "'prompt' (a string) or 'messages' is required.")
             def job():
-                self.engine.engine.check_prompt_chars(len(text))
-                return {"prompt_token_ids": self.tokenizer.encode(text,
-                                                                  add_special_tokens=special)}
-        ids = (await self.gateway.run_prep(job))["prompt_token_ids"]
-        return JSONResponse({"count": len(ids), "max_model_len": self.engine.engine.max_model_len,
+                engine.check_prompt_chars(len(text))
+                return {"prompt_token_ids": g.tokenizer.encode(text,
+                                                               add_special_tokens=special)}
+        ids = (await g.run_prep(job))["prompt_token_ids"]
+        return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len,
                              "tokens": ids})
 
     @_guarded
     async def detokenize(self, request: Request):
         body = await self.read_json(request)
-        self.check_model(P.field(body, "model", "str"))
+        g = (await self.route(request, body)).gateway
+        engine = g.engine.engine
         ids = P.field(body, "tokens", "int_list")
         if ids is None:
             raise P.bad_field("tokens", "'tokens' (a list of token ids) is required.")
-        vocab = self.engine.engine.model_config.vocab_size
-        if len(ids) > self.engine.engine.max_model_len or any(not 0 <= t < vocab for t in ids):
+        vocab = engine.model_config.vocab_size
+        if len(ids) > engine.max_model_len or any(not 0 <= t < vocab for t in ids):
             raise P.bad_field("tokens", f"'tokens' must be at most max_model_len ids in "
                                         f"[0, {vocab}).")
-        text = await self.gateway.run_prep(lambda: self.tokenizer.decode(ids))
+        text = await g.run_prep(lambda: g.tokenizer.decode(ids))
         return JSONResponse({"prompt": text})
 
     async def models(self, request: Request):
+        """Every routable model: by name (routed by weight) and, for registry models, each
+        version as "name:version"; adapters name their base as ``parent``."""
         try:
             self.check_auth(request)
         except P.APIError as e:
             return error_response(e)
-        base = self.settings.served_model_name
-        card = {"object": "model", "created": P.now(), "owned_by": "kvserve",
-                "max_model_len": self.engine.engine.max_model_len}
-        return JSONResponse({"object": "list", "data": [
-            {"id": base, **card, "root": base, "parent": None},
-            *({"id": name, **card, "root": lora.lora_path, "parent": base}
-              for name, lora in self.gateway.loras.items())]})
+        return JSONResponse({"object": "list", "data": model_cards(self.registry)})
 
     # ---- LoRA adapters at run time (vLLM's shapes) ---------------------------------------
     def _check_runtime_lora(self) -> None:
@@ -349,10 +391,19 @@ class _API:
 
     @_guarded
     async def load_lora_adapter(self, request: Request):
+        """An adapter of the default model, served as a model of its own name."""
         self._check_runtime_lora()
         body = await self.read_json(request)
-        lora = await self.gateway.add_lora(body.get("lora_name"), body.get("lora_path"))
-        return Response(f"Success: LoRA adapter '{lora.lora_name}' added successfully.",
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise P.APIError(400, "lora_name and lora_path must be non-empty strings.")
+        base = self.registry.default_model
+        try:
+            await self.registry.load(name, "1", VersionSpec(lora=path, base=f"{base}:1"),
+                                     show_version=False)
+        except P.APIError as e:  # vLLM answers 400 for a name already in use, too
+            raise P.APIError(400, e.message, param="lora_name") from None
+        return Response(f"Success: LoRA adapter '{name}' added successfully.",
                         media_type="text/plain")
 
     @_guarded
@@ -360,12 +411,17 @@ class _API:
         self._check_runtime_lora()
         body = await self.read_json(request)
         name = body.get("lora_name")
-        self.gateway.remove_lora(name)
+        model = self.registry.models.get(name) if isinstance(name, str) else None
+        if model is None or not any(v.routable and v.spec.is_lora
+                                    for v in model.versions.values()):
+            raise P.APIError(404, f"no LoRA adapter named {name!r:.200}.", param="lora_name",
+                             code="model_not_found")
+        await self.registry.unload(name)
         return Response(f"Success: LoRA adapter '{name}' removed successfully.",
                         media_type="text/plain")
 
     async def health(self, request: Request):
-        if self.engine.is_running:
+        if self.registry.ready:
             return Response(status_code=200)
         return JSONResponse({"error": {"message": "engine loop is not running", "type": "engine_dead",
                                        "param": None, "code": None}}, status_code=503)
@@ -380,14 +436,13 @@ class _API:
     async def openapi(self, request: Request):
         from .openapi import openapi_document
 
-        return JSONResponse(openapi_document(self.settings.served_model_name))
+        return JSONResponse(openapi_document(self.registry.default_model))
 
     async def version(self, request: Request):
         return JSONResponse({"version": VERSION})
 
     # ---- Triton generate extension -----------------------------------------------------
-    def triton_request(self, request: Request, body: dict):
-        lora = self.check_model(request.path_params["model"])
+    async def triton_request(self, request: Request, body: dict):
         text = P.field(body, "text_input", "str")
         if text is None:
             raise P.bad_field("text_input", "'text_input' is required.")
@@ -397,24 +452,27 @@ class _API:
         params = P.sampling_params(fields, P.field(fields, "max_tokens", "int", 64), None)
         if params.n != 1:
             raise P.bad_field("n", "the generate extension returns one text_output: n must be 1.")
-        return text, params, lora
+        t = await self.route(request, body, request.path_params["model"],
+                             request.path_params.get("version"))
+        streams = await t.gateway.start_streams(P.new_id("trt"), [text], params, "text_input",
+                                                t.lora)
+        return t, streams
 
     @_guarded
     async def triton_generate(self, request: Request):
-        text, params, lora = self.triton_request(request, await self.read_json(request))
-        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input", lora)
-        timer = self.metrics.timer("generate", None if lora is None else lora.lora_name)
+        t, streams = await self.triton_request(request, await self.read_json(request))
+        timer = self.timer(t, "generate")
         finals = await self.run_to_end(request, streams, timer)
         out = finals[0].outputs[0]
         timer.finish("ok", len(finals[0].prompt_token_ids), len(out.token_ids))
-        return JSONResponse({"model_name": self.model_name(lora), "model_version": "1",
-                             "text_output": out.text})
+        return JSONResponse({"model_name": t.model, "model_version": t.version,
+                             "text_output": out.text},
+                            headers={"x-kvserve-model-version": t.version})
 
     @_guarded
     async def triton_generate_stream(self, request: Request):
-        text, params, lora = self.triton_request(request, await self.read_json(request))
-        streams = await self.start_streams(P.new_id("trt"), [text], params, "text_input", lora)
-        name = self.model_name(lora)
+        t, streams = await self.triton_request(request, await self.read_json(request))
+        name, version = t.model, t.version
 
         async def events():
             state = ChoiceState()
@@ -423,7 +481,8 @@ class _API:
                     async for _, out in merge(streams):
                         delta, _ = state.advance(out.outputs[0])
                         if delta or out.finished:
-                            yield {"data": json.dumps({"model_name": name, "model_version": "1",
+                            yield {"data": json.dumps({"model_name": name,
+                                                       "model_version": version,
                                                        "text_output": delta})}
             except TimeoutError:
                 yield {"data": json.dumps({"error": "request exceeded its deadline and was "
@@ -432,7 +491,8 @@ class _API:
                 yield {"data": json.dumps({"error": _stream_error(e).message})}
             finally:
                 streams[0].close()
-        return EventSourceResponse(events(), ping=15)
+        return EventSourceResponse(events(), ping=15,
+                                   headers={"x-kvserve-model-version": version})
 
 
 def _stream_error(e: Exception) -> P.APIError:

@@ -9,6 +9,8 @@ import sys
 import tomllib
 
 USAGE = """usage: kvserve serve [--model PATH] [--host H] [--port P] [options]   (serve -h for all)
+       kvserve serve --config registry.toml   several models and versions (README: Registry)
+       kvserve models index|load|unload|traffic ...   a running server's registry (admin key)
        kvserve generate PROMPT [PROMPT ...] [options]                (generate -h for all)
        kvserve info [--json]      CPU features, auto dtype, C++ ops, versions"""
 
@@ -17,7 +19,7 @@ SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requ
                "header_read_timeout", "trust_request_chat_template", "exit_on_engine_death",
                "engine_death_grace", "grpc_port", "grpc_max_message_bytes",
                "tool_call_parser", "chat_template", "lora_modules",
-               "allow_runtime_lora_updates")
+               "allow_runtime_lora_updates", "admin_key", "memory_budget", "models")
 
 
 PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")  # configs/ links here
@@ -109,6 +111,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="LoRA adapters (PEFT directories) served as models by these names")
     p.add_argument("--allow-runtime-lora-updates", action="store_true", default=False,
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--admin-key", default=os.environ.get("KVSERVE_ADMIN_KEY"),
+                   help="enables the registry's admin API (/v2/repository/models/...: load, "
+                        "unload, traffic), which takes this key and not --api-key")
     p.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death",
                    action="store_false", default=True,
                    help="keep serving 503s if the engine loop dies (default: exit 1 so a "
@@ -161,10 +166,15 @@ def serve(argv: list[str]) -> int:
         engine_kwargs["enable_lora"] = True
     logging.basicConfig(level=srv.get("log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Loaded on the thread that will run it: one OpenMP thread team per process.
-    async_engine = AsyncLLMEngine.from_config(EngineConfig(**engine_kwargs),
-                                              srv.get("max_waiting_requests"))
-    name = srv.get("served_model_name") or _default_name(engine_kwargs.get("model"))
+    registry_spec = _registry_spec(srv, engine_kwargs)
+    async_engine = None
+    max_waiting = srv.get("max_waiting_requests")
+    if registry_spec is None:
+        # Loaded on the thread that will run it: one OpenMP thread team per process.
+        async_engine = AsyncLLMEngine.from_config(EngineConfig(**engine_kwargs), max_waiting)
+        name = srv.get("served_model_name") or _default_name(engine_kwargs.get("model"))
+    else:
+        name = next(iter(registry_spec.models))
     settings = ServerSettings(
         served_model_name=name, api_key=srv.get("api_key"),
         request_timeout=srv.get("request_timeout"),
@@ -177,18 +187,58 @@ def serve(argv: list[str]) -> int:
         grpc_max_message_bytes=srv.get("grpc_max_message_bytes", 64 << 20),
         tool_call_parser=srv.get("tool_call_parser", "auto"),
         chat_template=_read_template(srv.get("chat_template")), lora_modules=loras,
-        allow_runtime_lora_updates=bool(srv.get("allow_runtime_lora_updates")))
-    app = build_app(async_engine, settings)
+        allow_runtime_lora_updates=bool(srv.get("allow_runtime_lora_updates")),
+        admin_key=srv.get("admin_key"))
+    app = build_app(async_engine, settings, registry_spec, lambda kwargs: (
+        AsyncLLMEngine.from_config(EngineConfig(**kwargs), max_waiting)))
+    if async_engine is None:
+        _check_ports(srv)
     server = uvicorn.Server(uvicorn.Config(
         app, host=srv.get("host", "127.0.0.1"), port=srv.get("port", 8000),
         log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5,
         **_http_protocol(srv.get("header_read_timeout", 10.0))))
     settings.request_shutdown = lambda: setattr(server, "should_exit", True)
     server.run()
-    if async_engine.dead_error is not None:
+    if async_engine is not None and async_engine.dead_error is not None:
         logging.getLogger("kvserve.server").error("exiting with status 1: the engine loop died")
         return 1
     return 0
+
+
+def _registry_spec(srv: dict, engine_kwargs: dict):
+    """The registry a ``--config`` file declares ([models] tables), else None. Engine flags
+    given on the command line are defaults under every model's own engine settings."""
+    if srv.get("models") is None:
+        return None
+    from .registry.config import parse_registry
+
+    if srv.get("lora_modules"):
+        raise SystemExit("kvserve: with a registry config, declare adapters as LoRA versions "
+                         "in it, not with --lora-modules")
+    data = {"models": srv["models"]}
+    if srv.get("memory_budget") is not None:
+        data["memory_budget"] = srv["memory_budget"]
+    try:
+        spec = parse_registry(data)
+    except ValueError as e:
+        raise SystemExit(f"kvserve: registry config: {e}") from None
+    defaults = {k: v for k, v in engine_kwargs.items() if k != "model"}
+    for m in spec.models.values():
+        m.engine = {**defaults, **m.engine}
+    return spec
+
+
+def _check_ports(srv: dict) -> None:
+    """A registry loads its models while the server starts: fail fast, before that, if the
+    HTTP port is taken."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((srv.get("host", "127.0.0.1"), srv.get("port", 8000)))
+        except OSError as e:
+            raise SystemExit(f"kvserve: cannot listen on port {srv.get('port', 8000)}: {e}") \
+                from None
 
 
 def lora_modules(value) -> dict[str, str]:
@@ -237,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve(rest)
+    if command == "models":
+        from .registry.cli import main as models_main
+        return models_main(rest)
     if command == "generate":
         from .batch import main as batch_main
         return batch_main(rest)

@@ -4,14 +4,12 @@ queue bound is checked for the whole request, then every prompt is queued at onc
 from __future__ import annotations
 
 import asyncio
-import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.async_engine import AsyncLLMEngine
 from engine.core.lora import LoRARequest
 
 from . import protocol as P
-from .metrics import Metrics
 
 
 # SamplingParams fields that LLMEngine.check_params judges against the loaded model
@@ -19,16 +17,18 @@ _MODEL_CHECKED = {"top_k", "logit_bias"}
 
 
 class Gateway:
-    def __init__(self, async_engine: AsyncLLMEngine, prepare_timeout: float,
-                 model_name: str = "") -> None:
+    """One engine's front door. Per engine, not per server: a registry holds one for each
+    loaded full model version (LoRA versions share their base's)."""
+
+    def __init__(self, async_engine: AsyncLLMEngine, prepare_timeout: float) -> None:
         self.engine = async_engine
-        self.model_name = model_name
-        # LoRA adapters served by name ("model": "<adapter>"), each a LoRARequest
-        self.loras: dict[str, LoRARequest] = {}
-        self._lora_ids = itertools.count(1)
         self.tokenizer = async_engine.engine.tokenizer
+        self.token_text = P.TokenText(self.tokenizer)
+        self.tool_parser = None  # set by the server from --tool-call-parser and the template
         self.prepare_timeout = prepare_timeout
-        self.metrics = Metrics(async_engine)
+        # Requests between routing and their streams' start (a draining version waits
+        # for these, then for its streams).
+        self.pending = 0
         # Chat templates and tokenizing run here, never on the event loop. One thread: a
         # fast tokenizer is not safe to share between concurrent encodes.
         self.prep_pool = ThreadPoolExecutor(1, thread_name_prefix="kvserve-prep")
@@ -36,47 +36,11 @@ class Gateway:
     def close(self) -> None:
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
 
-    # ---- models and adapters -----------------------------------------------------------
-    def model(self, name: str | None) -> LoRARequest | None:
-        """The adapter a request's model name selects (None: the base model); 404 if it
-        names neither."""
-        if name is None or name == self.model_name:
-            return None
-        lora = self.loras.get(name)
-        if lora is None:
-            raise P.APIError(404, f"The model `{name:.200}` does not exist.", param="model",
-                             code="model_not_found")
-        return lora
-
-    def _new_lora(self, name, path) -> LoRARequest:
-        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            raise P.APIError(400, "lora_name and lora_path must be non-empty strings.")
-        if name == self.model_name or name in self.loras:
-            raise P.APIError(400, f"a model named {name!r:.200} is already being served.",
-                             param="lora_name")
-        if self.engine.engine.runner.lora is None:
-            raise P.APIError(400, "this server was started without LoRA (--enable-lora or "
-                                  "--lora-modules).", param="lora_name")
-        return LoRARequest(name, next(self._lora_ids), path)
-
-    def load_lora_now(self, name: str, path: str) -> None:
-        """At start-up (before serving): a bad adapter raises and fails the start."""
-        lora = self._new_lora(name, path)
-        self.engine.engine.resolve_lora(lora)
-        self.loras[name] = lora
-
-    async def add_lora(self, name, path) -> LoRARequest:
-        """Load and check an adapter (off the event loop), then serve it under ``name``."""
-        lora = self._new_lora(name, path)
-        await self.run_prep(lambda: self.engine.engine.resolve_lora(lora))
-        self.loras[name] = lora
-        return lora
-
-    def remove_lora(self, name) -> None:
-        """Stop serving an adapter: new requests get 404; the ones in flight finish on it."""
-        if self.loras.pop(name, None) is None:
-            raise P.APIError(404, f"no LoRA adapter named {name!r:.200}.", param="lora_name",
-                             code="model_not_found")
+    @property
+    def idle(self) -> bool:
+        """No request is being prepared, streamed or run on this engine."""
+        return self.pending == 0 and self.engine.num_streams == 0 \
+            and not self.engine.engine.has_unfinished_requests()
 
     # ---- requests -----------------------------------------------------------------------
     async def start_streams(self, request_id: str, prompts: list, params,
@@ -84,6 +48,13 @@ class Gateway:
         """Queue every prompt (all rendered and validated first, off the event loop, so a
         bad one queues nothing); a request's sequences (prompts x n) are admitted together.
         Raises P.APIError (400, 503), QueueFullError or EngineDeadError."""
+        self.pending += 1  # first, before any await: see server/registry/registry.py
+        try:
+            return await self._start_streams(request_id, prompts, params, param, lora)
+        finally:
+            self.pending -= 1
+
+    async def _start_streams(self, request_id, prompts, params, param, lora) -> list:
         loop = asyncio.get_running_loop()
         if lora is not None:  # its files may have changed since it was loaded: re-checked
             try:

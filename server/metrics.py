@@ -11,7 +11,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 
 
 class Metrics:
-    def __init__(self, async_engine) -> None:
+    """One per server. ``versions()`` lists (model, version, state, memory bytes, traffic
+    share, AsyncLLMEngine or None) for every version the registry knows, read at scrape."""
+
+    def __init__(self, versions) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("kvserve_time_to_first_token_seconds", "Time to first token.",
@@ -33,20 +36,41 @@ class Metrics:
                                      "adapter.", ["adapter"], registry=r)
         self.lora_tokens = Counter("kvserve_lora_generation_tokens", "Tokens generated per "
                                    "LoRA adapter.", ["adapter"], registry=r)
-        r.register(_EngineCollector(async_engine))
+        # Per model and version (the registry's), for autoscalers and canary dashboards
+        mv = ["model_name", "version"]
+        self.model_requests = Counter("kvserve_model_requests", "Finished requests per model "
+                                      "version and outcome.", [*mv, "outcome"], registry=r)
+        self.model_prompt_tokens = Counter("kvserve_model_prompt_tokens", "Prompt tokens per "
+                                           "model version.", mv, registry=r)
+        self.model_generation_tokens = Counter("kvserve_model_generation_tokens", "Tokens "
+                                               "generated per model version.", mv, registry=r)
+        self.model_ttft = Histogram("kvserve_model_time_to_first_token_seconds", "Time to "
+                                    "first token per model version.", mv,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_tpot = Histogram("kvserve_model_time_per_output_token_seconds", "Time per "
+                                    "output token after the first, per model version.", mv,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.cold_starts = Histogram("kvserve_cold_start_seconds", "Loading a model back "
+                                     "after it was scaled to zero.", ["model_name"],
+                                     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                                              80.0, 160.0), registry=r)
+        r.register(_EngineCollector(versions))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self, protocol: str = "openai", adapter: str | None = None) -> "RequestTimer":
-        return RequestTimer(self, protocol, adapter)
+    def timer(self, protocol: str = "openai", adapter: str | None = None,
+              model: tuple[str, str] | None = None) -> "RequestTimer":
+        return RequestTimer(self, protocol, adapter, model)
 
 
 class RequestTimer:
     """Observes one request's TTFT, inter-token latencies, queue time and e2e latency."""
 
-    def __init__(self, metrics: Metrics, protocol: str, adapter: str | None = None) -> None:
+    def __init__(self, metrics: Metrics, protocol: str, adapter: str | None = None,
+                 model: tuple[str, str] | None = None) -> None:
         self.metrics, self.protocol, self.adapter = metrics, protocol, adapter
+        self.model = model  # (model name, version) when the registry routed it
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.queue_seen = False
@@ -60,8 +84,13 @@ class RequestTimer:
         t = time.monotonic()
         if self.last_token is None:
             self.metrics.ttft.observe(t - self.start)
+            if self.model is not None:
+                self.metrics.model_ttft.labels(*self.model).observe(t - self.start)
         else:
             self.metrics.itl.observe((t - self.last_token) / new_tokens)
+            if self.model is not None:
+                self.metrics.model_tpot.labels(*self.model).observe(
+                    (t - self.last_token) / new_tokens)
         self.last_token = t
 
     def finish(self, outcome: str, prompt_tokens: int = 0, generated: int = 0) -> None:
@@ -72,28 +101,66 @@ class RequestTimer:
         if self.adapter is not None:
             self.metrics.lora_requests.labels(self.adapter).inc()
             self.metrics.lora_tokens.labels(self.adapter).inc(generated)
+        if self.model is not None:
+            self.metrics.model_requests.labels(*self.model, outcome).inc()
+            self.metrics.model_prompt_tokens.labels(*self.model).inc(prompt_tokens)
+            self.metrics.model_generation_tokens.labels(*self.model).inc(generated)
 
 
 class _EngineCollector:
-    def __init__(self, async_engine) -> None:
-        self.async_engine = async_engine
+    """Engine gauges read at scrape: the unlabelled kvserve_* ones are totals over every
+    loaded engine (as on a one-model server); the labelled ones per model version use the
+    names gateway routers scrape from vLLM (vllm:num_requests_waiting, ...)."""
+
+    def __init__(self, versions) -> None:
+        self.versions = versions
 
     def collect(self):
-        s = self.async_engine.stats
+        rows = list(self.versions())
+        engines = [(m, v, e) for m, v, _, _, _, e in rows if e is not None]
+        stats = [e.stats for _, _, e in engines]
+
+        def total(key):
+            return sum(s.get(key, 0) for s in stats)
+        blocks, free = total("num_blocks"), total("num_free_blocks")
         yield GaugeMetricFamily("kvserve_num_requests_running", "Requests being generated.",
-                                value=s["num_running"])
+                                value=total("num_running"))
         yield GaugeMetricFamily("kvserve_num_requests_waiting", "Requests queued.",
-                                value=self.async_engine.num_waiting)
+                                value=sum(e.num_waiting for _, _, e in engines))
         yield GaugeMetricFamily("kvserve_kv_cache_usage_perc", "Fraction of KV blocks in use.",
-                                value=s["kv_cache_usage"])
+                                value=(blocks - free) / blocks if blocks else 0.0)
         yield GaugeMetricFamily("kvserve_kv_cache_blocks_in_use", "KV blocks referenced.",
-                                value=s["num_blocks"] - s["num_free_blocks"])
-        queries = s["prefix_cache_queries"]
+                                value=blocks - free)
+        queries = total("prefix_cache_queries")
         yield GaugeMetricFamily("kvserve_prefix_cache_hit_rate", "Prefix-cache block hit rate.",
-                                value=s["prefix_cache_hits"] / queries if queries else 0.0)
+                                value=total("prefix_cache_hits") / queries if queries else 0.0)
         yield CounterMetricFamily("kvserve_num_preemptions", "Requests preempted.",
-                                  value=s["num_preemptions"])
+                                  value=total("num_preemptions"))
         yield GaugeMetricFamily("kvserve_lora_slots_in_use", "LoRA slots held by running "
-                                "requests.", value=s.get("lora_slots_in_use", 0))
-        yield GaugeMetricFamily("kvserve_engine_alive", "1 while the engine loop runs.",
-                                value=1.0 if self.async_engine.is_running else 0.0)
+                                "requests.", value=total("lora_slots_in_use"))
+        yield GaugeMetricFamily("kvserve_engine_alive", "1 while every loaded engine's loop "
+                                "runs.", value=1.0 if all(e.is_running for _, _, e in engines)
+                                else 0.0)
+        labels = ["model_name", "version"]
+        running = GaugeMetricFamily("vllm:num_requests_running", "Requests being generated, "
+                                    "per model version.", labels=labels)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued, per model "
+                                    "version.", labels=labels)
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use, "
+                                  "per model version.", labels=labels)
+        for m, v, e in engines:
+            running.add_metric([m, v], e.stats["num_running"])
+            waiting.add_metric([m, v], e.num_waiting)
+            usage.add_metric([m, v], e.stats["kv_cache_usage"])
+        state = GaugeMetricFamily("kvserve_model_state", "1 for each model version's state "
+                                  "(LOADING, READY, DRAINING, IDLE, UNLOADED, FAILED).",
+                                  labels=[*labels, "state"])
+        memory = GaugeMetricFamily("kvserve_model_memory_bytes", "Weights and KV pool held "
+                                   "per model version.", labels=labels)
+        traffic = GaugeMetricFamily("kvserve_model_traffic_share", "Share of the model's "
+                                    "routed traffic per version (0-1).", labels=labels)
+        for m, v, st, mem, share, _ in rows:
+            state.add_metric([m, v, st], 1)
+            memory.add_metric([m, v], mem)
+            traffic.add_metric([m, v], share)
+        yield from (running, waiting, usage, state, memory, traffic)

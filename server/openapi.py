@@ -49,6 +49,8 @@ SCHEMAS: dict = {
         "type": "object",
         "description": "Sampling fields shared by every generate route. null = the default.",
         "properties": {
+            "user": {"type": "string", "description": "The routing key: a registry model's "
+                                                      "version is picked by its stable hash."},
             "max_tokens": _int("Tokens to generate (default: 16 for completions, the rest of "
                                "the context for chat, 64 for Triton).", minimum=1),
             "temperature": _num("0 (or below 1e-5) is greedy.", minimum=0, maximum=100),
@@ -119,6 +121,8 @@ SCHEMAS: dict = {
             "prompt": _ref("Prompt"),
             "logprobs": _int("Top log-probabilities per token.", minimum=0, maximum=20),
             "echo": _bool("Prefix each choice with its prompt."),
+            "return_token_ids": _bool("vLLM's: add prompt_token_ids and token_ids to each "
+                                      "choice (streamed: the new ids in each chunk)."),
             "stream": _bool(),
             "stream_options": _ref("StreamOptions"),
         },
@@ -286,12 +290,30 @@ SCHEMAS: dict = {
         "id": {"type": "string"}, "outputs": {"type": "array", "items": {"type": "object"}}}},
     "V2Error": {"type": "object", "required": ["error"],
                 "properties": {"error": {"type": "string"}}},
+    "RepositoryLoad": {"type": "object", "properties": {"parameters": {
+        "type": "object", "description": "Triton's load parameters. A full version takes "
+        "'path' (HF directory or .gguf), a LoRA version 'lora' and 'base' (\"1\" or "
+        "\"model:1\"); these may also sit in 'config' (JSON), with engine settings.",
+        "properties": {"version": {"type": "string", "pattern": "^[1-9][0-9]{0,8}$"},
+                       "path": {"type": "string"}, "lora": {"type": "string"},
+                       "base": {"type": "string"}, "weight": {"type": "number", "minimum": 0},
+                       "config": {"type": "string"}}}}},
+    "RepositoryUnload": {"type": "object", "properties": {"parameters": {
+        "type": "object", "properties": {"version": {
+            "type": "string", "pattern": "^[1-9][0-9]{0,8}$",
+            "description": "The version to drain and free (default: every version)."}}}}},
+    "Traffic": {"type": "object", "description": "Relative weights by version, e.g. "
+                "{\"1\": 99, \"2\": 1}.", "additionalProperties": {"type": "number",
+                                                                   "minimum": 0}},
 }
 
 _ERRORS = {
     "400": "Bad field, over-long prompt or invalid JSON.",
     "401": "Missing or wrong API key (when the server runs with --api-key).",
+    "403": "The admin API is off (start the server with --admin-key).",
     "404": "Unknown model.",
+    "409": "The version's state does not allow it (loaded, loading, a base of others, or "
+           "carrying all of its model's traffic).",
     "413": "Request body over --max-body-bytes.",
     "503": "Waiting queue full (with Retry-After) or engine dead.",
     "504": "Past --request-timeout; the request was aborted.",
@@ -434,6 +456,29 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
             "post": _generate("Triton generate, streamed (SSE of text_output deltas).",
                               "TritonGenerateRequest", "TritonGenerateResponse", "always"),
         },
+        **{f"/v2/models/{{model}}/versions/{{version}}/{tail}": {
+            "parameters": [model_param, version_param],
+            "post": _generate(f"Triton generate{extra}, on a pinned version.",
+                              "TritonGenerateRequest", "TritonGenerateResponse", stream)}
+           for tail, extra, stream in (("generate", "", "never"),
+                                       ("generate_stream", ", streamed", "always"))},
+        "/v2/repository/models/{model}/load": {
+            "parameters": [model_param],
+            **_v2("Load a version (returns once READY; new versions start with no traffic). "
+                  "Admin key only.", _json({"type": "object"}, "Loaded."),
+                  "400", "401", "403", "409", method="post", body="RepositoryLoad")},
+        "/v2/repository/models/{model}/unload": {
+            "parameters": [model_param],
+            **_v2("Take a version (or all) out of routing: it drains, then frees its engine. "
+                  "Admin key only.", _json({"type": "object"}, "Draining."),
+                  "400", "401", "403", "404", "409", method="post", body="RepositoryUnload")},
+        "/v2/repository/models/{model}/traffic": {
+            "parameters": [model_param],
+            **_v2("The model's traffic weights by version. Admin key only.",
+                  _json(_ref("Traffic"), "Weights."), "401", "403", "404"),
+            **_v2("Set the weights (one atomic swap; only READY versions). Admin key only.",
+                  _json(_ref("Traffic"), "Weights."), "400", "401", "403", "404",
+                  method="put", body="Traffic")},
         "/openapi.json": {"get": _get("This document.", _json({"type": "object"}, "OpenAPI 3.0."))},
     }
     return {

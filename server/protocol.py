@@ -231,6 +231,7 @@ class ParsedRequest:
     echo: bool = False
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs field was asked for
     tools: ToolRequest | None = None  # chat: tool calls to parse out of the output
+    return_token_ids: bool = False  # completions: vLLM's token ids in each choice
 
 
 def _prompt_logprobs(body: dict) -> int | None:
@@ -252,7 +253,8 @@ def parse_completion(body: dict) -> ParsedRequest:
         prompt_lp = max(asked or 0, logprobs)
     params = sampling_params(body, field(body, "max_tokens", "int", 16), logprobs, prompt_lp)
     return ParsedRequest(prompts, params, field(body, "stream", "bool", False),
-                         stream_options(body), echo, asked is not None)
+                         stream_options(body), echo, asked is not None,
+                         return_token_ids=field(body, "return_token_ids", "bool", False))
 
 
 # apply_chat_template's own parameters: a client passing them through chat_template_kwargs

@@ -10,6 +10,7 @@ class Shaper:
     """Shared response shaping for completions and chat."""
 
     object_full = object_chunk = ""
+    return_token_ids = False  # vLLM's: token ids in each choice (completions)
 
     def __init__(self, token_text: P.TokenText, model: str, request_id: str, params,
                  top_n: int) -> None:
@@ -58,7 +59,8 @@ class Shaper:
             reason = P.finish_reason(c) if c.finished else None
             if reason is not None:
                 state.done = True
-            if not delta and reason is None and not (self.params.logprobs is not None and new_tokens):
+            wants_tokens = self.params.logprobs is not None or self.return_token_ids
+            if not delta and reason is None and not (wants_tokens and new_tokens):
                 continue
             choice = self.delta_choice(self.index(prompt_idx, c.index), c, delta, first, reason,
                                        out, state)
@@ -70,9 +72,10 @@ class CompletionShaper(Shaper):
     object_full = object_chunk = "text_completion"
 
     def __init__(self, token_text, model, request_id, params, echo: bool,
-                 prompt_logprobs: bool = False) -> None:
+                 prompt_logprobs: bool = False, return_token_ids: bool = False) -> None:
         super().__init__(token_text, model, request_id, params, params.logprobs or 0)
         self.echo, self.prompt_logprobs = echo, prompt_logprobs
+        self.return_token_ids = return_token_ids
 
     def prompt_text(self, out) -> str:
         if out.prompt is not None:
@@ -110,6 +113,9 @@ class CompletionShaper(Shaper):
                           "stop_reason": c.stop_reason}
                 if self.prompt_logprobs:
                     choice["prompt_logprobs"] = P.vllm_prompt_logprobs(f.prompt_logprobs)
+                if self.return_token_ids:
+                    choice["prompt_token_ids"] = list(f.prompt_token_ids)
+                    choice["token_ids"] = list(c.token_ids)
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         return {"id": self.id, "object": self.object_full, "created": self.created,
@@ -121,8 +127,13 @@ class CompletionShaper(Shaper):
             state.echoed = True
             delta = self.prompt_text(out) + delta
             logprobs = self.with_echo(logprobs, out)
-        return {"index": index, "text": delta, "logprobs": logprobs,
-                "finish_reason": reason, "stop_reason": c.stop_reason if reason else None}
+        choice = {"index": index, "text": delta, "logprobs": logprobs,
+                  "finish_reason": reason, "stop_reason": c.stop_reason if reason else None}
+        if self.return_token_ids:
+            if first == 0:
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
+            choice["token_ids"] = list(c.token_ids[first:state.sent_tokens])
+        return choice
 
 
 class ChatShaper(Shaper):

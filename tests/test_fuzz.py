@@ -505,6 +505,10 @@ def live_schema(server):
           for method, tail in (("GET", ""), ("GET", "/ready"), ("GET", "/config"),
                                ("POST", "/infer"))),
         "POST /v2/models/{model}/generate", "POST /v2/models/{model}/generate_stream",
+        "POST /v2/models/{model}/versions/{version}/generate",
+        "POST /v2/models/{model}/versions/{version}/generate_stream",
+        "POST /v2/repository/models/{model}/load", "POST /v2/repository/models/{model}/unload",
+        "GET /v2/repository/models/{model}/traffic", "PUT /v2/repository/models/{model}/traffic",
         "GET /openapi.json"])
     schema = schemathesis.openapi.from_dict(fuzz_schema(doc))
     schema.validate()  # the narrowed copy is still valid OpenAPI

@@ -124,6 +124,24 @@ class ModelRunner:
         per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size * cfg.num_hidden_layers
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held on the device: weights (every tensor the model's modules hold, shared
+        ones counted once) and the KV pool. The registry checks budgets against these."""
+        seen, weights = set(), 0
+        for module in self.model.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False),
+                       *(t for t in vars(module).values() if isinstance(t, torch.Tensor))]
+            for t in tensors:
+                try:
+                    key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                except NotImplementedError:  # oneDNN's prepacked weights have no storage
+                    key, size = id(t), t.numel() * t.element_size()
+                if key not in seen:
+                    seen.add(key)
+                    weights += size
+        kv = sum(t.untyped_storage().nbytes() for t in self.kv_caches)
+        return {"weights": weights, "kv_cache": kv}
+
     def allocate_kv_cache(self) -> int:
         """Preallocate the pool: one [2, num_blocks, block_size, kv_heads, head_dim] per layer.
         On CUDA, then capture the decode CUDA graphs (unless enforce_eager)."""

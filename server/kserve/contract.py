@@ -63,6 +63,10 @@ class InferJob:
     timeout: float | None = None  # seconds, from the request's `timeout` parameter (us)
     id: str = ""
     lora_name: str | None = None  # the vLLM backend's sampling_parameters.lora_name
+    model: str = ""  # the model and version the request named (version "": route by weight)
+    version: str = ""
+    route_key: str | None = None  # x-user-id (header or gRPC metadata): picks the version
+    served: object = None  # the registry's Target it ran on (set when it starts)
 
 
 def parse_job(tensors: list[Tensor], parameters: dict, requested: list[str] | None,
@@ -288,8 +292,8 @@ class ResponseBuilder:
         return json.dumps(rows).encode("utf-8")
 
 
-def model_metadata(name: str, version: str) -> dict:
-    return {"name": name, "versions": [version], "platform": "kvserve",
+def model_metadata(name: str, versions: list[str]) -> dict:
+    return {"name": name, "versions": versions, "platform": "kvserve",
             "inputs": [{"name": n, "datatype": d, "shape": s} for n, d, s, _ in INPUTS],
             "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in OUTPUTS]}
 

@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from . import contract, tensors
 from .errors import V2Error
+from ..registry.admin import load_request
 from .http import EXTENSIONS
 from .service import InferService, engine_errors
 
@@ -30,9 +31,11 @@ STREAM_QUEUE = 64  # responses buffered per stream; a slow reader coalesces engi
 
 
 class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: InferService, api_key: str | None, server_version: str) -> None:
+    def __init__(self, service: InferService, api_key: str | None, server_version: str,
+                 admin_key: str | None = None) -> None:
         self.service = service
         self.api_key = api_key
+        self.admin_key = admin_key
         self.server_version = server_version
 
     # ---- plumbing ----------------------------------------------------------------------
@@ -44,6 +47,17 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise V2Error("unauthenticated", "invalid or missing API key (send metadata "
                                              "'authorization: Bearer <key>')")
+
+    def _check_admin(self, context) -> None:
+        """The registry's load and unload take the admin key, never the API key."""
+        if self.admin_key is None:
+            raise V2Error("unauthenticated", "the admin API is off: start the server with "
+                                             "--admin-key")
+        given = dict(context.invocation_metadata() or ()).get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else given
+        if not hmac.compare_digest(token.encode(), self.admin_key.encode()):
+            raise V2Error("unauthenticated", "invalid or missing admin key (send metadata "
+                                             "'authorization: Bearer <admin key>')")
 
     async def _call(self, context, fn, *, auth: bool = True):
         try:
@@ -69,10 +83,11 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         async def run():
             try:
-                self.service.check_model(request.name, request.version)
+                v = self.service.check_model(request.name, request.version)
             except V2Error:
                 return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=self.service.ready)
+            return pb.ModelReadyResponse(ready=v.state == "READY"
+                                         and v.gateway.engine.is_running)
         return await self._call(context, run)
 
     async def ServerMetadata(self, request, context):
@@ -81,8 +96,8 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def run():
-            self.service.check_model(request.name, request.version)
-            meta = contract.model_metadata(self.service.model_name, self.service.version)
+            v = self.service.check_model(request.name, request.version)
+            meta = contract.model_metadata(v.model, self.service.registry.versions_of(v.model))
             return pb.ModelMetadataResponse(
                 name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                 inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
@@ -91,33 +106,53 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         async def run():
-            self.service.check_model(request.name, request.version)
-            config = contract.model_config(self.service.model_name,
-                                           self.service.gateway.engine.engine.max_model_len)
+            v = self.service.check_model(request.name, request.version)
+            config = contract.model_config(v.model, v.max_model_len)
             return pb.ModelConfigResponse(
                 config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
         return await self._call(context, run)
 
     async def RepositoryIndex(self, request, context):
         async def run():
-            state = "READY" if self.service.ready else "UNAVAILABLE"
             return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(
-                name=self.service.model_name, version=self.service.version, state=state)])
+                name=e["name"], version=e["version"], state=e["state"], reason=e["reason"])
+                for e in self.service.registry.index(ready_only=request.ready)])
         return await self._call(context, run)
 
+    async def RepositoryModelLoad(self, request, context):
+        async def run():
+            self._check_admin(context)
+            registry = self.service.registry
+            params = {k: _param_value(v) for k, v in request.parameters.items()}
+            version, spec, weight, defaults = load_request(registry, request.model_name, params)
+            await registry.load(request.model_name, version, spec, weight, defaults)
+            return pb.RepositoryModelLoadResponse()
+        return await self._call(context, run, auth=False)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def run():
+            self._check_admin(context)
+            version = request.parameters["version"].string_param \
+                if "version" in request.parameters else None
+            await self.service.registry.unload(request.model_name, version or None)
+            return pb.RepositoryModelUnloadResponse()
+        return await self._call(context, run, auth=False)
+
     # ---- inference ---------------------------------------------------------------------
-    def _job(self, request, stream_rpc: bool) -> contract.InferJob:
+    def _job(self, request, stream_rpc: bool, context) -> contract.InferJob:
         self.service.check_model(request.model_name, request.model_version)
         inputs = tensors.inputs_from_grpc(request)
         requested = [o.name for o in request.outputs] or None
         job = contract.parse_job(inputs, tensors.grpc_params(request.parameters), requested,
                                  stream_rpc)
         job.id = request.id
+        job.model, job.version = request.model_name, request.model_version
+        job.route_key = dict(context.invocation_metadata() or ()).get("x-user-id")
         return job
 
     def _response(self, job, outputs, final: bool | None = None) -> pb.ModelInferResponse:
-        resp = pb.ModelInferResponse(model_name=self.service.model_name,
-                                     model_version=self.service.version, id=job.id)
+        resp = pb.ModelInferResponse(model_name=job.served.model,
+                                     model_version=job.served.version, id=job.id)
         for t in outputs:
             resp.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
             resp.raw_output_contents.append(tensors.to_raw(t))
@@ -127,7 +162,7 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         async def run():
-            job = self._job(request, stream_rpc=False)
+            job = self._job(request, stream_rpc=False, context=context)
             return self._response(job, await self.service.unary(job, "kserve-grpc"))
         return await self._call(context, run)
 
@@ -145,7 +180,7 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def read():
             try:
                 async for request in request_iterator:
-                    task = asyncio.ensure_future(self._stream_one(request, queue))
+                    task = asyncio.ensure_future(self._stream_one(request, queue, context))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 while tasks:  # the client half-closed: finish what it sent
@@ -165,11 +200,11 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             with contextlib.suppress(BaseException):
                 await asyncio.gather(reader, *tasks, return_exceptions=True)
 
-    async def _stream_one(self, request, queue: asyncio.Queue) -> None:
+    async def _stream_one(self, request, queue: asyncio.Queue, context) -> None:
         job = None
         try:
             with engine_errors():
-                job = self._job(request, stream_rpc=True)
+                job = self._job(request, stream_rpc=True, context=context)
                 empty_final = bool(tensors.grpc_params(request.parameters).get(
                     "triton_enable_empty_final_response", False))
                 responses = self.service.responses(job, "kserve-grpc")
@@ -190,13 +225,20 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await queue.put(_stream_error(request, "internal server error"))
 
 
+def _param_value(p):
+    """A ModelRepositoryParameter's value (bool, int, string or bytes)."""
+    kind = p.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(p, kind)
+
+
 def _stream_error(request, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
         model_name=request.model_name, model_version=request.model_version, id=request.id))
 
 
 async def start_grpc_server(service: InferService, host: str, port: int, api_key: str | None,
-                            server_version: str, max_message_bytes: int) -> grpc.aio.Server:
+                            server_version: str, max_message_bytes: int,
+                            admin_key: str | None = None) -> grpc.aio.Server:
     """Bind and start on the running event loop; raises if the port cannot be bound."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -204,7 +246,7 @@ async def start_grpc_server(service: InferService, host: str, port: int, api_key
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
     ])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GRPCInferenceService(service, api_key, server_version), server)
+        GRPCInferenceService(service, api_key, server_version, admin_key), server)
     address = f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC: cannot listen on {address}")

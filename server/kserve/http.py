@@ -18,7 +18,7 @@ from .service import InferService, engine_errors
 logger = logging.getLogger("kvserve.kserve")
 
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "generate",
-              "model_repository(index)"]
+              "model_repository"]
 
 
 def v2_response(err: V2Error) -> JSONResponse:
@@ -39,7 +39,6 @@ class KServeHTTP:
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
-            Route("/v2/repository/index", self.repository_index, methods=["POST"]),
             *(r for base in (m, v) for r in (
                 Route(base, self.model_metadata, methods=["GET"]),
                 Route(base + "/ready", self.model_ready, methods=["GET"]),
@@ -59,9 +58,9 @@ class KServeHTTP:
             logger.exception("internal error on %s", request.url.path)
             return v2_response(V2Error("internal", "internal server error"))
 
-    def _model(self, request: Request) -> None:
-        self.service.check_model(request.path_params["model"],
-                                 request.path_params.get("version", ""))
+    def _model(self, request: Request):
+        return self.service.check_model(request.path_params["model"],
+                                        request.path_params.get("version", ""))
 
     # ---- metadata and health ---------------------------------------------------------
     async def server_metadata(self, request: Request):
@@ -78,31 +77,24 @@ class KServeHTTP:
 
     async def model_metadata(self, request: Request):
         async def run():
-            self._model(request)
-            return JSONResponse(contract.model_metadata(self.service.model_name,
-                                                        self.service.version))
+            v = self._model(request)
+            return JSONResponse(contract.model_metadata(
+                v.model, self.service.registry.versions_of(v.model)))
         return await self._guard(request, run)
 
     async def model_ready(self, request: Request):
         async def run():
-            self._model(request)
-            if not self.service.ready:
-                raise V2Error("unavailable", "engine loop is not running")
+            v = self._model(request)
+            if v.state != "READY" or not v.gateway.engine.is_running:
+                raise V2Error("unavailable", f"{v.model} version {v.version} is {v.state}"
+                              if v.state != "READY" else "engine loop is not running")
             return Response(status_code=200)
         return await self._guard(request, run)
 
     async def model_config(self, request: Request):
         async def run():
-            self._model(request)
-            return JSONResponse(contract.model_config(
-                self.service.model_name, self.service.gateway.engine.engine.max_model_len))
-        return await self._guard(request, run)
-
-    async def repository_index(self, request: Request):
-        async def run():
-            return JSONResponse([{"name": self.service.model_name,
-                                  "version": self.service.version,
-                                  "state": "READY" if self.service.ready else "UNAVAILABLE"}])
+            v = self._model(request)
+            return JSONResponse(contract.model_config(v.model, v.max_model_len))
         return await self._guard(request, run)
 
     # ---- infer -----------------------------------------------------------------------
@@ -118,6 +110,9 @@ class KServeHTTP:
             job = contract.parse_job(inputs, params, [w[0] for w in wanted] if wanted else None,
                                      stream_rpc=False)
             job.id = str(header.get("id", ""))[:256]
+            job.model = request.path_params["model"]
+            job.version = request.path_params.get("version", "")
+            job.route_key = request.headers.get("x-user-id")
             as_binary = _binary_choice(params, wanted)
             outputs = await until_disconnect(request, self.service.unary(job, "kserve-http"))
             return self._respond(job, outputs, as_binary)
@@ -130,15 +125,17 @@ class KServeHTTP:
             entries.append(entry)
             if raw is not None:
                 blobs.append(raw)
-        header = {"model_name": self.service.model_name,
-                  "model_version": self.service.version, "outputs": entries}
+        served = job.served
+        header = {"model_name": served.model, "model_version": served.version,
+                  "outputs": entries}
         if job.id:
             header["id"] = job.id
         head = json.dumps(header).encode("utf-8")
+        version = {"x-kvserve-model-version": served.version}
         if not blobs:
-            return Response(head, media_type="application/json")
+            return Response(head, media_type="application/json", headers=version)
         return Response(head + b"".join(blobs), media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(len(head))})
+                        headers={"Inference-Header-Content-Length": str(len(head)), **version})
 
 
 def _dict(body: dict, key: str) -> dict:

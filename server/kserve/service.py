@@ -13,7 +13,6 @@ from engine.async_engine import EngineDeadError, QueueFullError, RequestFailedEr
 from engine.outputs import CompletionOutput, RequestOutput
 
 from .. import protocol as P
-from ..gateway import Gateway
 from ..streams import merge
 from .contract import InferJob, ResponseBuilder
 from .errors import V2Error
@@ -43,23 +42,31 @@ def engine_errors():
 
 
 class InferService:
-    def __init__(self, gateway: Gateway, model_name: str, version: str = "1",
-                 request_timeout: float | None = None) -> None:
-        self.gateway = gateway
-        self.model_name, self.version = model_name, version
+    """v2 inference over the registry: a request's URL model (and version, if pinned) is
+    routed like any other; the served version goes back in ``model_version``."""
+
+    def __init__(self, registry, metrics, request_timeout: float | None = None) -> None:
+        self.registry = registry
+        self.metrics = metrics
         self.request_timeout = request_timeout
-        self.decode = lambda t: gateway.tokenizer.decode([t])
 
     @property
     def ready(self) -> bool:
-        return self.gateway.engine.is_running
+        return self.registry.ready
 
-    def check_model(self, name: str, version: str = "") -> None:
-        if name != self.model_name:
-            raise V2Error("not_found", f"Request for unknown model: '{name:.200}' is not found")
-        if version not in ("", self.version):
-            raise V2Error("not_found", f"Request for unknown model: '{name}' version "
-                                       f"{version:.40} is not found")
+    def check_model(self, name: str, version: str = ""):
+        """The registry's Version a metadata call names (the pinned one, else the version
+        that takes most traffic); V2Error not_found if none."""
+        try:
+            model, pinned = self.registry.lookup(name, version or None)
+        except P.APIError as e:
+            raise V2Error("not_found", f"Request for unknown model: '{name:.200}' is not "
+                                       f"found") from e
+        v = self.registry.shown_version(model, pinned)
+        if v is None:
+            raise V2Error("not_found", f"Request for unknown model: '{name:.200}' version "
+                                       f"{(pinned or '')[:40]} is not found")
+        return v
 
     def deadline(self, job: InferJob) -> float | None:
         limits = [t for t in (self.request_timeout, job.timeout) if t]
@@ -67,9 +74,18 @@ class InferService:
 
     async def _start(self, job: InferJob) -> list:
         with engine_errors():
-            lora = self.gateway.model(job.lora_name) if job.lora_name else None
-            return await self.gateway.start_streams(P.new_id("v2"), job.prompts, job.params,
-                                                    "text_input", lora)
+            target = await self.registry.route(job.model, job.version or None, job.route_key)
+            lora = target.lora
+            if job.lora_name:
+                chosen = await self.registry.route(job.lora_name, None, job.route_key)
+                if chosen.gateway is not target.gateway:
+                    raise V2Error.bad(f"lora_name {job.lora_name!r:.200} is not an adapter of "
+                                      f"{target.reported}")
+                target, lora = chosen, chosen.lora
+            job.served = target
+            # no await between routing and start_streams (see server/registry/registry.py)
+            return await target.gateway.start_streams(P.new_id("v2"), job.prompts,
+                                                      job.params, "text_input", lora)
 
     async def unary(self, job: InferJob, protocol: str) -> list[Tensor]:
         """Run to the end; the one response's tensors."""
@@ -84,8 +100,11 @@ class InferService:
         """(tensors, is_last) per response: every change when the job streams, else one at
         the end. Raises V2Error; a consumer that stops early aborts the job."""
         streams = await self._start(job)
-        timer = self.gateway.metrics.timer(protocol, job.lora_name)
-        builder = ResponseBuilder(job, self.decode)
+        served = job.served
+        timer = self.metrics.timer(protocol, None if served.lora is None else served.lora.lora_name,
+                                   (served.model, served.version))
+        tokenizer = served.gateway.tokenizer
+        builder = ResponseBuilder(job, lambda t: tokenizer.decode([t]))
         latest: list = [_nothing_yet(job.params.n)] * len(streams)
         finished = [False] * len(streams)
         outcome = "aborted"
@@ -111,7 +130,7 @@ class InferService:
             for s in streams:
                 s.close()
             if outcome != "ok":
-                self.gateway.metrics.requests.labels(outcome, protocol).inc()
+                self.metrics.requests.labels(outcome, protocol).inc()
 
 
 def _nothing_yet(n: int) -> RequestOutput:

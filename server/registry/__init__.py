@@ -1,0 +1,1 @@
+"""Several models and versions in one server: config, routing, lifecycle, admin API."""
