@@ -17,6 +17,11 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Free what the engine holds outside this process's memory: tensor-parallel worker
+        processes and their ports. (Garbage collection does it too.)"""
+        self.engine.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -64,8 +64,23 @@ class LLMEngine:
             self.tokenizer = load_tokenizer(config.tokenizer or model_dir)
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config, model_dir)
-        num_blocks = self.runner.allocate_kv_cache()
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            from .distributed.tp import Shards
+            from .distributed.workers import Workers
+
+            cfg = self.model_config  # a shape that does not split fails here, before spawning
+            Shards(0, config.tensor_parallel_size, cfg.num_attention_heads,
+                   cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size)
+            self.workers = Workers(config, model_dir)
+        try:
+            self.runner = ModelRunner(config, self.model_config, model_dir,
+                                      self.workers and self.workers.tp, self.workers)
+            num_blocks = self.runner.allocate_kv_cache()
+        except BaseException:
+            if self.workers is not None:
+                self.workers.shutdown()
+            raise
         self.max_model_len = self._max_model_len(num_blocks)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
@@ -334,6 +349,9 @@ class LLMEngine:
         except faults.EngineFatalError:
             raise
         except Exception as e:  # noqa: BLE001 - isolate the request(s) that caused it
+            if self.workers is not None:
+                # the ranks may be between collectives: re-running halves is not safe
+                raise faults.EngineFatalError(f"a tensor-parallel step failed: {e!r}") from e
             if len(scheduled) == 1:
                 logger.exception("request %s failed inside a step", scheduled[0].request.request_id)
                 return {}, [], {scheduled[0].request: e}
@@ -437,8 +455,11 @@ class LLMEngine:
         return self.runner.memory_bytes()
 
     def close(self) -> None:
-        """Stop the grammar thread; the engine is not used after this."""
+        """Stop the grammar thread and any tensor-parallel workers; the engine is not used
+        after this."""
         self.grammars.close()
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def get_stats(self) -> dict:
         pool = self.kv_cache.pool

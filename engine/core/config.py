@@ -75,6 +75,11 @@ class EngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Tensor parallelism: the model's heads, MLP and vocabulary split over this many ranks
+    # (this process is rank 0 and keeps the scheduler; the others are worker processes).
+    # "mp": spawned workers on this machine (gloo on CPU, NCCL on CUDA).
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -99,6 +104,18 @@ class EngineConfig:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
                              f"({self.max_loras}).")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got "
+                             f"{self.tensor_parallel_size}.")
+        if self.distributed_executor_backend not in ("mp",):
+            raise ValueError(f"distributed_executor_backend must be 'mp', got "
+                             f"{self.distributed_executor_backend!r}.")
+        if self.tensor_parallel_size > 1:
+            for name, off in (("enable_lora", False), ("cpu_compile", False),
+                              ("quantization", None)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name} is not supported with tensor_parallel_size > 1 "
+                                     f"yet.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
         if self.quantization not in QUANTIZATIONS:

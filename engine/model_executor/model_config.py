@@ -47,6 +47,15 @@ class ModelConfig:
             raise ValueError(f"rope scaling {rope_type!r} is not supported "
                              "(supported: default, linear, llama3).")
 
+    def shards(self, tp):
+        """What rank ``tp.rank`` of a tensor-parallel group holds (None without one)."""
+        if tp is None:
+            return None
+        from ..distributed.tp import Shards
+
+        return Shards(tp.rank, tp.world, self.num_attention_heads, self.num_key_value_heads,
+                      self.intermediate_size, self.vocab_size)
+
     @property
     def family(self) -> str:
         return SUPPORTED_ARCHITECTURES[self.architecture]

@@ -41,14 +41,23 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: str) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: str,
+                 tp=None, workers=None) -> None:
+        """``tp``: this rank's tensor-parallel group (None: the whole model here);
+        ``workers``: on rank 0, the other ranks (engine/distributed/workers.py)."""
         self.config = config
         self.model_config = model_config
         self.device = config.torch_device
         self.dtype = config.torch_dtype
         self.kv_dtype = config.kv_torch_dtype
         self.block_size = config.block_size
-        self.model = load_model(model_dir, model_config, self.dtype, self.device)
+        self.tp, self.workers = tp, workers
+        if tp is not None:
+            from ..distributed.step import TableMirror, TableSender
+
+            self.tables = TableMirror()
+            self.sender = TableSender() if tp.rank == 0 else None
+        self.model = load_model(model_dir, model_config, self.dtype, self.device, tp)
         if self.device.type == "cpu":
             keep_freed_memory()
             self._pack_cpu_weights()
@@ -119,9 +128,14 @@ class ModelRunner:
                 for parent, name, child in targets}
 
     @property
+    def num_kv_heads(self) -> int:
+        """KV heads held here (this rank's, under tensor parallelism)."""
+        return self.model.model.layers[0].self_attn.num_kv_heads
+
+    @property
     def bytes_per_block(self) -> int:
         cfg = self.model_config
-        per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * self.kv_dtype.itemsize
+        per_token = 2 * self.num_kv_heads * cfg.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size * cfg.num_hidden_layers
 
     def memory_bytes(self) -> dict[str, int]:
@@ -147,11 +161,13 @@ class ModelRunner:
         On CUDA, then capture the decode CUDA graphs (unless enforce_eager)."""
         self.model.init_rotary(self._max_positions(), self.device)
         self.num_blocks = self.config.num_kv_blocks or self._blocks_from_budget()
+        if self.tp is not None:  # one block table for all ranks: the smallest pool wins
+            self.num_blocks = self.tp.min_int(self.num_blocks)
         cfg = self.model_config
-        shape = (2, self.num_blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (2, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.tp is None:
             self._capture_decode_graphs()
         if self.config.cpu_compile:
             self._compile_decode()
@@ -325,6 +341,8 @@ class ModelRunner:
 
     def drop_request(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        if self.tp is not None:
+            self.sender.drop(request_id)
 
     def generator_states(self, reqs: list[Request]) -> dict[str, torch.Tensor]:
         """The seeded requests' generator states, to rewind them if a step is re-run."""
@@ -341,6 +359,8 @@ class ModelRunner:
                 ) -> tuple[list[Request], SamplerOutput | None, dict]:
         """(the requests that sampled, their SamplerOutput or None, prompt logprobs by
         request id for the chunks that wanted them)."""
+        if self.tp is not None:
+            return self._execute_tp(sched, kv)
         input_ids, positions, meta, logits_rows, sampling_reqs = self._prepare(sched, kv)
         hidden = None
         if self.lora is not None and self._set_lora_step(sched):
@@ -357,6 +377,54 @@ class ModelRunner:
             return [], None, prompt_lps
         logits = self.model.compute_logits(hidden[logits_rows])
         return sampling_reqs, self.sampler(logits, sampling_reqs, self.generators), prompt_lps
+
+    def _execute_tp(self, sched: SchedulerOutput, kv: KVCacheManager):
+        """Rank 0 under tensor parallelism: send the step, run this rank's part (every rank
+        computes the same logit rows: the lm_head gather is a collective), sample here."""
+        seqs, tables, sample_rows, sampling_reqs, spans = [], [], [], [], []
+        row = 0
+        for s in sched.scheduled:
+            req, start = s.request, s.request.num_computed_tokens
+            seqs.append((req.request_id, req.token_ids[start:start + s.num_tokens], start))
+            tables.append(kv.block_ids(req.request_id))
+            first = max(start, len(req.prompt_logprobs))
+            last = min(start + s.num_tokens, req.num_prompt_tokens - 1)
+            if req.needs_prompt_logprobs and first < last:
+                spans.append((req, first, last, list(range(row + first - start,
+                                                            row + last - start))))
+            row += s.num_tokens
+            if s.samples:
+                sample_rows.append(row - 1)
+                sampling_reqs.append(req)
+        prompt_rows = [r for *_, rows in spans for r in rows]
+        step = self.sender.encode(seqs, tables, prompt_rows + sample_rows)
+        self.workers.send(step)
+        try:
+            logits = self.forward_step(step)
+        except RuntimeError as e:  # a collective failed: most likely a worker died
+            raise self.workers.check(e) from e
+        prompt_lps, at = {}, 0
+        for req, first, last, rows in spans:
+            part = logits[at:at + len(rows)]
+            at += len(rows)
+            prompt_lps[req.request_id] = self._prompt_entries(req, first, last, part)
+        if not sampling_reqs:
+            return [], None, prompt_lps
+        return (sampling_reqs, self.sampler(logits[at:], sampling_reqs, self.generators),
+                prompt_lps)
+
+    @torch.inference_mode()
+    def forward_step(self, step) -> torch.Tensor | None:
+        """Every rank: this rank's part of one step (engine/distributed/step.py); the
+        logits of step.logit_rows over the whole vocabulary, or None if there are none."""
+        tables = self.tables.apply(step)
+        input_ids, positions, meta = self._batch([ids for _, ids, _ in step.seqs],
+                                                 [start for _, _, start in step.seqs], tables)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        if not step.logit_rows:
+            return None
+        rows = torch.tensor(step.logit_rows, dtype=torch.long, device=hidden.device)
+        return self.model.compute_logits(hidden[rows])
 
     def _set_lora_step(self, sched: SchedulerOutput) -> bool:
         """Each token's adapter slot for the LoRA layers; True if any token has one."""
@@ -380,34 +448,51 @@ class ModelRunner:
             last = min(start + s.num_tokens, req.num_prompt_tokens - 1)  # exclusive
             if req.needs_prompt_logprobs and first < last:
                 rows = torch.arange(row + first - start, row + last - start, device=hidden.device)
-                logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), -1)
-                targets = torch.tensor(req.token_ids[first + 1:last + 1], device=hidden.device)
-                chosen = logprobs.gather(1, targets[:, None])
-                ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
-                n = req.sampling_params.prompt_logprobs
-                top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (None, None)
-                out[req.request_id] = [
-                    (c, r, top_ids[i].tolist() if n else [], top_vals[i].tolist() if n else [])
-                    for i, (c, r) in enumerate(zip(chosen.squeeze(1).tolist(), ranks))]
+                out[req.request_id] = self._prompt_entries(
+                    req, first, last, self.model.compute_logits(hidden[rows]))
             row += s.num_tokens
         return out
 
+    @staticmethod
+    def _prompt_entries(req: Request, first: int, last: int, logits: torch.Tensor) -> list:
+        """(logprob, rank, top ids, top logprobs) of prompt tokens first+1 .. last."""
+        logprobs = torch.log_softmax(logits.float(), -1)
+        targets = torch.tensor(req.token_ids[first + 1:last + 1], device=logits.device)
+        chosen = logprobs.gather(1, targets[:, None])
+        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+        n = req.sampling_params.prompt_logprobs
+        top_vals, top_ids = logprobs.topk(n, dim=-1) if n else (None, None)
+        return [(c, r, top_ids[i].tolist() if n else [], top_vals[i].tolist() if n else [])
+                for i, (c, r) in enumerate(zip(chosen.squeeze(1).tolist(), ranks))]
+
     def _prepare(self, sched: SchedulerOutput, kv: KVCacheManager):
+        chunks, starts, tables = [], [], []
+        logits_rows: list[int] = []
+        sampling_reqs: list[Request] = []
+        row = 0
+        for s in sched.scheduled:
+            req, start = s.request, s.request.num_computed_tokens
+            chunks.append(req.token_ids[start:start + s.num_tokens])
+            starts.append(start)
+            tables.append(kv.block_ids(req.request_id))
+            row += s.num_tokens
+            if s.samples:
+                logits_rows.append(row - 1)
+                sampling_reqs.append(req)
+        input_ids, positions, meta = self._batch(chunks, starts, tables)
+        rows = torch.tensor(logits_rows, dtype=torch.long).to(self.device)
+        return input_ids, positions, meta, rows, sampling_reqs
+
+    def _batch(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]]):
+        """input_ids, positions and attention metadata of one flattened batch: each
+        sequence's new tokens (a chunk) from position ``start``, over its block table."""
         ids: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        logits_rows: list[int] = []
-        sampling_reqs: list[Request] = []
-        for s in sched.scheduled:
-            req, start = s.request, s.request.num_computed_tokens
-            ids.extend(req.token_ids[start:start + s.num_tokens])
-            query_start.append(query_start[-1] + s.num_tokens)
-            seq_lens.append(start + s.num_tokens)
-            tables.append(kv.block_ids(req.request_id))
-            if s.samples:
-                logits_rows.append(query_start[-1] - 1)
-                sampling_reqs.append(req)
+        for chunk, start in zip(chunks, starts):
+            ids.extend(chunk)
+            query_start.append(query_start[-1] + len(chunk))
+            seq_lens.append(start + len(chunk))
         dev = self.device
         max_blocks = max(len(t) for t in tables)
         table_t = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
@@ -430,5 +515,4 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
         input_ids = torch.tensor(ids, dtype=torch.long).to(dev)
-        rows = torch.tensor(logits_rows, dtype=torch.long).to(dev)
-        return input_ids, positions.to(dev), meta, rows, sampling_reqs
+        return input_ids, positions.to(dev), meta

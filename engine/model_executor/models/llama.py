@@ -3,6 +3,10 @@
 Works on a flattened batch: every tensor is [num_tokens, ...], sequences are told
 apart only by the attention metadata. Numerics follow transformers op for op in fp32
 (RMSNorm in fp32, rotary tables in fp32) so greedy output matches token for token.
+
+With tensor parallelism (``tp``, engine/distributed/tp.py) each rank builds the same
+modules at its shard's sizes: its heads and MLP columns, its vocabulary rows; o_proj and
+down_proj produce partial sums that one all-reduce each completes.
 """
 from __future__ import annotations
 
@@ -104,17 +108,21 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class Attention(nn.Module):
     fused = False
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp=None) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.tp = tp
+        shards = cfg.shards(tp)
+        self.num_heads = shards.heads[1] if shards else cfg.num_attention_heads
+        self.num_kv_heads = shards.kv_heads[1] if shards else cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # q, k and v in one matmul; the loader fills the three row ranges.
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=cfg.attention_bias, dtype=dtype)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias, dtype=dtype)
+        # row-parallel: a bias is added once, by rank 0, before the all-reduce
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, dtype=dtype,
+                                bias=cfg.o_proj_bias and (tp is None or tp.rank == 0))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
@@ -135,32 +143,37 @@ class Attention(nn.Module):
         else:
             q, k = apply_rotary(q, k, cos_sin)
         out = backend.forward(q, k, v, kv_cache, meta)
-        return self.o_proj(out.reshape(T, self.q_size))
+        out = self.o_proj(out.reshape(T, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
     fused = False
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp=None) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size,
+        self.tp = tp
+        shards = cfg.shards(tp)
+        self.intermediate_size = shards.columns[1] if shards else cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate_size,
                                       bias=cfg.mlp_bias, dtype=dtype)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size,
-                                   bias=cfg.mlp_bias, dtype=dtype)
+        self.down_proj = nn.Linear(self.intermediate_size, cfg.hidden_size, dtype=dtype,
+                                   bias=cfg.mlp_bias and (tp is None or tp.rank == 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_fused(self):
-            return self.down_proj(torch.ops.kvserve.silu_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            out = self.down_proj(torch.ops.kvserve.silu_mul(self.gate_up_proj(x)))
+        else:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+            out = self.down_proj(F.silu(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp=None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.self_attn = Attention(cfg, dtype, tp)
+        self.mlp = MLP(cfg, dtype, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -174,11 +187,30 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the embedding: other ranks' tokens look up zeros, and the
+    all-reduce adds every rank's piece."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers))
+        self.tp = tp
+        self.start, rows = cfg.shards(tp).vocab_rows
+        self.weight = nn.Parameter(torch.zeros(rows, cfg.hidden_size, dtype=dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return self.tp.all_reduce(out * mine.unsqueeze(-1).to(out.dtype))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp=None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype) \
+            if tp is None else VocabParallelEmbedding(cfg, dtype, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, tp)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
@@ -187,12 +219,15 @@ class DecoderForCausalLM(nn.Module):
     STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp=None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = DecoderModel(cfg, dtype)
+        self.tp = tp
+        self.shards = cfg.shards(tp)
+        self.model = DecoderModel(cfg, dtype, tp)
+        rows = cfg.vocab_size if tp is None else self.shards.vocab_rows[1]
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+            cfg.hidden_size, rows, bias=False, dtype=dtype)
         self.rotary: RotaryEmbedding | None = None
 
     def init_rotary(self, max_positions: int, device: torch.device) -> None:
@@ -209,14 +244,18 @@ class DecoderForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary (under TP: a collective; every rank calls it
+        with the same rows)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden)
-        return F.linear(hidden, self.model.embed_tokens.weight)
+            logits = self.lm_head(hidden)
+        else:
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
+        return logits if self.tp is None else self.tp.gather_rows(logits, self.cfg.vocab_size)
 
     def shard_slice(self, fused: str, shard: int) -> tuple[int, int]:
-        """Rows of a fused parameter that hold one checkpoint tensor."""
-        cfg = self.cfg
+        """Rows of a fused parameter that hold one checkpoint tensor (this rank's part)."""
+        attn, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
         if fused == "gate_up_proj":
-            return shard * cfg.intermediate_size, cfg.intermediate_size
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+            return shard * mlp.intermediate_size, mlp.intermediate_size
+        q, kv = attn.q_size, attn.kv_size
         return ((0, q), (q, kv), (q + kv, kv))[shard]

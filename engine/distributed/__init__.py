@@ -1,0 +1,1 @@
+"""Tensor parallelism: the sharded group and its worker processes."""
