@@ -71,6 +71,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, help="largest adapter rank (default 16)")
     p.add_argument("--max-cpu-loras", type=int,
                    help="adapters kept in CPU memory (default: --max-loras)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int,
+                   help="split the model over this many ranks (worker processes; gloo on CPU)")
+    p.add_argument("--distributed-executor-backend", choices=["mp"],
+                   help="how tensor-parallel workers run (mp: spawned processes)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
     p.add_argument("--max-prompt-chars", type=int,

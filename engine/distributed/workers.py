@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 import weakref
 
 from ..core.faults import EngineFatalError
@@ -59,25 +60,18 @@ class Workers:
                       for rank in range(1, world)]
         for p in self.procs:
             p.start()
-        self.died: str | None = None
-        self._closed = False
-        self._finalizer = weakref.finalize(self, _reap, list(self.procs))
-        self._watch = threading.Thread(target=self._watchdog, daemon=True,
-                                       name="kvserve-tp-watchdog")
-        self._watch.start()
+        # shared with the watchdog thread, which must not keep this object alive (its
+        # finalizer is what reaps the workers of an engine dropped without shutdown())
+        self.state = _State()
+        self._finalizer = weakref.finalize(self, _reap, list(self.procs), self.state)
+        threading.Thread(target=_watchdog, args=(list(self.procs), self.state), daemon=True,
+                         name="kvserve-tp-watchdog").start()
         torch.set_num_threads(_threads_per_rank(world))  # the cores, shared out between ranks
         self.tp = _group(self.store, 0, world)
 
-    def _watchdog(self) -> None:
-        sentinels = {p.sentinel: p for p in self.procs}
-        from multiprocessing.connection import wait
-
-        while sentinels and not self._closed:
-            for s in wait(list(sentinels), timeout=0.5):
-                p = sentinels.pop(s)
-                if not self._closed:
-                    self.died = f"tensor-parallel worker {p.name} exited (code {p.exitcode})"
-                    logger.error("%s: the engine cannot step any more", self.died)
+    @property
+    def died(self) -> str | None:
+        return self.state.died
 
     def send(self, step) -> None:
         """Rank 0: hand the step to every worker (before running its own part)."""
@@ -86,16 +80,23 @@ class Workers:
         try:
             self.tp.broadcast_object(step)
         except RuntimeError as e:
-            raise WorkerDiedError(self.died or f"a tensor-parallel worker is gone: {e}") from e
+            raise self.failure(e) from e
 
-    def check(self, error: BaseException) -> BaseException:
-        """A collective's failure as the clearer error when a worker died."""
-        return WorkerDiedError(self.died) if self.died is not None else error
+    def failure(self, error: BaseException) -> WorkerDiedError:
+        """A failed collective, named after the worker that died if one did (its socket
+        can close a moment before its exit is visible: look for up to 2 s)."""
+        deadline = time.monotonic() + 2.0
+        while self.died is None and time.monotonic() < deadline:
+            for p in self.procs:
+                if p.exitcode is not None:
+                    self.state.died = _exited(p)
+            time.sleep(0.05)
+        return WorkerDiedError(self.died or f"a tensor-parallel collective failed: {error}")
 
     def shutdown(self) -> None:
-        if self._closed:
+        if self.state.closed:
             return
-        self._closed = True
+        self.state.closed = True
         if self.died is None:
             try:
                 self.tp.broadcast_object(None)
@@ -104,11 +105,37 @@ class Workers:
         for p in self.procs:
             p.join(timeout=10)
         self._finalizer()  # kills whoever did not exit
-        self.tp = None  # the group's sockets close with it
+        # the model's layers keep the TPGroup; dropping its process group (and our store)
+        # closes the group's sockets and the store's port now
+        self.tp.pg = None
         self.store = None
 
 
-def _reap(procs) -> None:
+class _State:
+    def __init__(self) -> None:
+        self.died: str | None = None
+        self.closed = False
+
+
+def _exited(p) -> str:
+    return f"tensor-parallel worker {p.name} exited (code {p.exitcode})"
+
+
+def _watchdog(procs, state: _State) -> None:
+    from multiprocessing.connection import wait
+
+    sentinels = {p.sentinel: p for p in procs}
+    while sentinels and not state.closed:
+        for s in wait(list(sentinels), timeout=0.5):
+            p = sentinels.pop(s)
+            if not state.closed and state.died is None:
+                p.join(timeout=1)
+                state.died = _exited(p)
+                logger.error("%s: the engine cannot step any more", state.died)
+
+
+def _reap(procs, state: _State) -> None:
+    state.closed = True
     for p in procs:
         if p.is_alive():
             p.kill()

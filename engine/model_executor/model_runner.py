@@ -402,7 +402,7 @@ class ModelRunner:
         try:
             logits = self.forward_step(step)
         except RuntimeError as e:  # a collective failed: most likely a worker died
-            raise self.workers.check(e) from e
+            raise self.workers.failure(e) from e
         prompt_lps, at = {}, 0
         for req, first, last, rows in spans:
             part = logits[at:at + len(rows)]
