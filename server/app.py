@@ -235,8 +235,8 @@ class _API:
         and the target's start_streams (see server/registry/registry.py)."""
         if name is None:
             name = P.field(body, "model", "str")
-        user = body.get("user")
-        key = user if isinstance(user, str) and user else request.headers.get("x-user-id")
+        user = P.field(body, "user", "str")  # a wrong type is a 400, like OpenAI's
+        key = user or request.headers.get("x-user-id")
         return await self.registry.route(name, version, key)
 
     async def run_to_end(self, request: Request, streams, timer):

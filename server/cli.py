@@ -11,6 +11,7 @@ import tomllib
 USAGE = """usage: kvserve serve [--model PATH] [--host H] [--port P] [options]   (serve -h for all)
        kvserve serve --config registry.toml   several models and versions (README: Registry)
        kvserve models index|load|unload|traffic ...   a running server's registry (admin key)
+       kvserve router --backend URL [URL ...]   prefix-aware router in front of replicas
        kvserve generate PROMPT [PROMPT ...] [options]                (generate -h for all)
        kvserve info [--json]      CPU features, auto dtype, C++ ops, versions"""
 
@@ -19,7 +20,8 @@ SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requ
                "header_read_timeout", "trust_request_chat_template", "exit_on_engine_death",
                "engine_death_grace", "grpc_port", "grpc_max_message_bytes",
                "tool_call_parser", "chat_template", "lora_modules",
-               "allow_runtime_lora_updates", "admin_key", "memory_budget", "models")
+               "allow_runtime_lora_updates", "admin_key", "memory_budget", "models",
+               "data_parallel_size")
 
 
 PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")  # configs/ links here
@@ -124,6 +126,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         "supervisor restarts the server)")
     p.add_argument("--engine-death-grace", type=float, default=2.0,
                    help="seconds between the engine loop dying and the process exiting")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="run this many replicas (each its own process and engine) behind a "
+                        "prefix-aware router on --port")
     p.add_argument("--log-level", default="info")
     p.add_argument("--seed", type=int)
     return p
@@ -156,6 +161,30 @@ def load_settings(argv: list[str]) -> tuple[dict, dict]:
     return merge_settings(parser, parser.parse_args(argv), SERVER_KEYS)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """argv less these flags and their values (``--flag V`` or ``--flag=V``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in flags:
+            continue
+        out.append(a)
+    return out
+
+
 def serve(argv: list[str]) -> int:
     import uvicorn
 
@@ -165,6 +194,13 @@ def serve(argv: list[str]) -> int:
     from .app import ServerSettings, build_app
 
     engine_kwargs, srv = load_settings(argv)
+    if srv.get("data_parallel_size", 1) > 1:
+        from .router.cli import serve_replicas
+
+        logging.basicConfig(level=srv.get("log_level", "info").upper())
+        rest = _without(argv, ("--data-parallel-size", "-dp", "--port", "--host", "--grpc-port"))
+        return serve_replicas(rest, srv["data_parallel_size"], srv.get("host", "127.0.0.1"),
+                              srv.get("port", 8000), srv.get("log_level", "info"))
     loras = lora_modules(srv.get("lora_modules"))
     if loras:
         engine_kwargs["enable_lora"] = True
@@ -202,7 +238,11 @@ def serve(argv: list[str]) -> int:
         log_level=srv.get("log_level", "info"), timeout_graceful_shutdown=5,
         **_http_protocol(srv.get("header_read_timeout", 10.0))))
     settings.request_shutdown = lambda: setattr(server, "should_exit", True)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if async_engine is not None:
+            async_engine.engine.close()  # tensor-parallel workers, the grammar thread
     if async_engine is not None and async_engine.dead_error is not None:
         logging.getLogger("kvserve.server").error("exiting with status 1: the engine loop died")
         return 1
@@ -291,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve(rest)
+    if command == "router":
+        from .router.cli import main as router_main
+        return router_main(rest)
     if command == "models":
         from .registry.cli import main as models_main
         return models_main(rest)

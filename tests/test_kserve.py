@@ -158,6 +158,7 @@ def test_metadata_and_readiness(live):
     config = g.get_model_config(MODEL).config
     assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
     assert client.get_model_config(MODEL)["input"][0]["name"] == "text_input"
+    assert client.get_model_config(MODEL)["parameters"]["max_model_len"]["string_value"] == "1024"
     assert [m.name for m in g.get_model_repository_index().models] == [MODEL]
     assert client.get_model_repository_index()[0]["state"] == "READY"
 

@@ -81,6 +81,7 @@ def test_adapters_listed_with_their_parent(client):
     assert set(cards) == {BASE, "alpha", "beta"}
     assert cards["alpha"].parent == BASE and cards["beta"].parent == BASE
     assert cards[BASE].parent is None
+    assert cards[BASE].max_model_len == cards["alpha"].max_model_len == 1024
 
 
 def test_model_selects_the_adapter(client, lora_env, smol_llm):

@@ -251,6 +251,28 @@ def test_bad_traffic_changes_nothing(two_bases, body, needle):
     assert r.status_code == 400 and needle in r.json()["error"], r.text
     assert registry.models["tiny"].traffic == before
     assert admin(client, "PUT", "/v2/repository/models/nope/traffic", {"1": 1}).status_code == 404
+    assert admin(client, "PUT", "/v2/repository/models/tiny/traffic",
+                 {"1": 1e308, "2" * 10: 1}).status_code == 400
+    assert registry.models["tiny"].traffic == before
+
+
+def test_hostile_routing_fields(two_bases, expected):
+    client, registry = two_bases
+    h = {"Authorization": f"Bearer {USER}"}
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "return_token_ids": True}
+    for model, user, status in (("tiny", 5, 400), ("tiny", ["a"], 400), ("x" * 100_000, None, 404),
+                                ("tiny:" + "9" * 50, None, 404), ("tiny:0", None, 404),
+                                ("tiny:-1", None, 404), ("tiny", "u" * 1_000_000, 200),
+                                ("tiny::1", None, 404), (":1", None, 404)):
+        r = client.post("/v1/completions", headers=h, json={**body, "model": model, "user": user})
+        assert r.status_code == status, (model[:20], str(user)[:20], r.text[:200])
+    for name, params in (("y" * 200, {"path": "/x"}), ("tiny", {"version": "1" * 20, "path": "/x"}),
+                         ("tiny", {"version": -3, "path": "/x"}), ("tiny", {"path": 5}),
+                         ("tiny", {"path": "", "config": "{]"}), ("tiny", {"weight": -1e9,
+                                                                          "path": "/x"})):
+        r = admin(client, "POST", f"/v2/repository/models/{name}/load", {"parameters": params})
+        assert r.status_code == 400 and r.json()["error"], (name[:20], params)
+    assert completion(client, "tiny")[2] == expected["llama"]
 
 
 def test_bad_loads_change_nothing(two_bases, models, tmp_path):

@@ -13,8 +13,9 @@ import socket
 import time
 
 import pytest
-
 from conftest import TINY_VOCAB
+from procs import children_of
+
 from engine import LLM, SamplingParams
 from engine.distributed.step import StepInput, TableMirror, TableSender
 from engine.distributed.tp import Shards
@@ -23,21 +24,7 @@ NEW = 12
 
 
 def children() -> list[int]:
-    """Live child processes of this one (from /proc: whatever started them), except
-    multiprocessing's resource tracker (one per process, shared, gone with the parent)."""
-    me, out = os.getpid(), []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if int(fields[1]) == me and fields[0] != "Z" and b"resource_tracker" not in cmdline:
-                out.append(int(pid))
-    return out
+    return children_of(os.getpid())
 
 
 def port_in_use(port: int) -> bool:
@@ -226,24 +213,13 @@ def test_smollm2_tp3_equals_tp1(smol_llm):
     assert not children()
 
 
-def test_server_shutdown_reaps_the_workers(tiny_models):
-    """The app's lifespan end (what `kvserve serve` runs on SIGTERM) stops the workers."""
-    from starlette.testclient import TestClient
-
-    from engine.async_engine import AsyncLLMEngine
-    from engine.core.config import EngineConfig
-    from server.app import ServerSettings, build_app
-
+@pytest.mark.parametrize("size, needle", [(0, "at least 1"), (-2, "at least 1"),
+                                          (3, "does not divide the 4 attention heads"),
+                                          (1 << 20, "does not divide")])
+def test_bad_sizes_fail_before_anything_starts(tiny_models, size, needle):
     path, _ = tiny_models("llama")
-    engine = AsyncLLMEngine.from_config(EngineConfig(
-        model=path, skip_tokenizer_init=True, dtype="float32", num_kv_blocks=16,
-        tensor_parallel_size=2))
-    with TestClient(build_app(engine, ServerSettings("tiny"))) as client:
-        assert len(children()) == 1
-        r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3,
-                                                 "return_token_ids": True, "temperature": 0})
-        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
-    deadline = time.monotonic() + 10
-    while children() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with pytest.raises(ValueError, match=needle):
+        LLM(path, skip_tokenizer_init=True, tensor_parallel_size=size)
     assert not children()
+    with pytest.raises(ValueError, match="not supported with tensor_parallel_size"):
+        LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, enable_lora=True)

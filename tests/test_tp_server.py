@@ -9,34 +9,10 @@ import time
 
 import httpx
 import openai
-
 from live_server import start_server, stop_server
+from procs import alive, children_of
 
 PROMPTS = ["The capital of France is", "Water boils at"]
-
-
-def workers_of(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if ppid == pid and b"resource_tracker" not in cmd:
-                out.append(int(p))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_tp3_server_matches_and_survives_nothing_hangs(smol_llm, tmp_path):
@@ -47,7 +23,7 @@ def test_tp3_server_matches_and_survives_nothing_hangs(smol_llm, tmp_path):
     proc, base, _, log = start_server(tmp_path, "tp2", "--tensor-parallel-size", "3",
                                       "--no-exit-on-engine-death",
                                       "--kv-cache-memory-bytes", str(64 << 20))
-    workers = workers_of(proc.pid)
+    workers = children_of(proc.pid)
     try:
         assert len(workers) == 2
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)

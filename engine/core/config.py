@@ -111,6 +111,9 @@ class EngineConfig:
             raise ValueError(f"distributed_executor_backend must be 'mp', got "
                              f"{self.distributed_executor_backend!r}.")
         if self.tensor_parallel_size > 1:
+            if self.torch_device.type != "cpu":
+                raise ValueError("tensor_parallel_size > 1 runs on CPU (gloo) for now; the "
+                                 "CUDA path (NCCL, a device per rank) is not built yet.")
             for name, off in (("enable_lora", False), ("cpu_compile", False),
                               ("quantization", None)):
                 if getattr(self, name) != off:

@@ -134,6 +134,18 @@ def _watchdog(procs, state: _State) -> None:
                 logger.error("%s: the engine cannot step any more", state.died)
 
 
+def die_with_parent(sig: int = 9) -> None:
+    """Linux: this process gets ``sig`` (default SIGKILL) when its parent dies, however the
+    parent dies (uvicorn re-raises SIGTERM after its shutdown, so a parent's `finally` may
+    never run)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not glibc Linux: the closed sockets still end a worker
+
+
 def _reap(procs, state: _State) -> None:
     state.closed = True
     for p in procs:
@@ -150,6 +162,7 @@ def worker_main(rank: int, world: int, port: int, config, model_dir: str) -> Non
     from ..model_executor.model_config import ModelConfig
     from ..model_executor.model_runner import ModelRunner
 
+    die_with_parent()
     torch.set_num_threads(_threads_per_rank(world))
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_JOIN_TIMEOUT)
     tp = _group(store, rank, world)

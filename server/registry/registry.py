@@ -55,6 +55,7 @@ class Version:
         self.load_seconds = 0.0  # its last bring-up: load, checks and warm-up
         self.last_used = time.monotonic()
         self.bring_up: asyncio.Task | None = None  # a load or cold reload in progress
+        self.owned = True  # its engine was built here (adopted ones belong to the caller)
         self.cold_start = False  # LOADING back from IDLE: requests wait for it
 
     @property
@@ -114,7 +115,8 @@ class Registry:
         v = Version(name, version, VersionSpec(path=async_engine.engine.model_dir))
         v.gateway = self.make_gateway(async_engine)
         v.memory = sum(async_engine.engine.memory_bytes().values())
-        v.state = READY
+        v.max_model_len = async_engine.engine.max_model_len
+        v.state, v.owned = READY, False
         model.versions[version] = v
         model.traffic = {version: 100.0}
         self.default_model = self.default_model or name
@@ -491,7 +493,8 @@ class Registry:
         gateway, v.gateway, v.memory = v.gateway, None, 0
         if gateway is not None and not v.spec.is_lora:
             await gateway.engine.stop()
-            gateway.engine.engine.close()
+            if v.owned:  # joins TP workers: off the loop
+                await asyncio.to_thread(gateway.engine.engine.close)
             gateway.close()
             del gateway
             gc.collect()

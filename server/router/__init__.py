@@ -1,0 +1,1 @@
+"""Replicas behind one address: the prefix-affinity policy and the proxy."""

@@ -1,0 +1,115 @@
+"""Replicas behind the prefix-aware router: the policy step by step (plain Python), then
+`kvserve serve --data-parallel-size 2` for real: requests sharing a long system prompt stay
+on one replica, unrelated ones spread, SSE streams pass through, a killed replica loses no
+request that had not started and /health says the pool is degraded; stopping it leaves no
+replica behind."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from live_server import start_server, stop_server
+from procs import alive, children_of
+
+from server.router.policy import AffinityPolicy, Replica, prefix_hashes
+
+SYSTEM = ("You are a meticulous assistant for a hardware store. Answer in one short "
+          "sentence, name the aisle, and never invent products. ") * 6
+
+
+def test_prefix_hashes_chain_and_skip_the_partial_block():
+    a = prefix_hashes("x" * 600 + "tail one", 256)
+    b = prefix_hashes("x" * 600 + "other tail", 256)
+    assert len(a) == 2 and a == b  # two full blocks; the partial third is left out
+    c = prefix_hashes("y" + "x" * 599, 256)
+    assert c[0] != a[0] and c[1] != a[1]  # chained: a different start changes every hash
+
+
+def test_policy_sticks_to_the_prefix_spreads_the_rest_and_yields_to_load():
+    policy = AffinityPolicy([Replica("a"), Replica("b")], max_imbalance=4)
+    shared = [policy.choose(prefix_hashes(SYSTEM + f"question {i}")) for i in range(16)]
+    assert len({r.url for r in shared}) == 1
+    home = shared[0]
+    assert home.prefix_hits == 15  # all but the first, which had nothing to match
+    other = next(r for r in policy.replicas if r is not home)
+    unrelated = [policy.choose(prefix_hashes(f"{i} unrelated " * 40)).url for i in range(16)]
+    assert unrelated.count(other.url) >= 8  # the least-loaded (least-served) takes them
+    home.queue = 20  # flooded: the next shared-prefix request goes where the queue is short
+    assert policy.choose(prefix_hashes(SYSTEM + "one more")) is other
+    home.queue = 0
+    assert policy.choose(prefix_hashes(SYSTEM + "and again")) is home
+    home.healthy = other.healthy = False
+    assert policy.choose([]) is None
+
+
+@pytest.fixture(scope="module")
+def pool(smol_llm, tmp_path_factory):  # smol_llm: the GGUF conversion is cached first
+    proc, base, _, log = start_server(tmp_path_factory.mktemp("router"), "dp2",
+                                      "--data-parallel-size", "2",
+                                      "--kv-cache-memory-bytes", str(128 << 20))
+    yield proc, base
+    stop_server(proc)
+    log.close()
+
+
+def stats(base: str) -> dict:
+    return httpx.get(base + "/health", timeout=10).json()
+
+
+def test_routing_through_two_replicas(pool):
+    proc, base = pool
+    replicas = children_of(proc.pid, b"serve")
+    assert len(replicas) == 2
+    client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+
+    def ask(i: int, system: str = SYSTEM) -> str:
+        return client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", max_tokens=4, temperature=0,
+            messages=[{"role": "system", "content": system},
+                      {"role": "user", "content": f"Where are the nails, size {i}?"}]
+        ).choices[0].message.content
+
+    before = {r["url"]: r["served"] for r in stats(base)["replicas"]}
+    ask(0)  # the first one: nothing to match anywhere yet
+    with cf.ThreadPoolExecutor(4) as ex:
+        list(ex.map(ask, range(1, 16)))
+    after = stats(base)["replicas"]
+    served = sorted(r["served"] - before[r["url"]] for r in after)
+    assert served[1] >= 15, after  # >= 15 of the 16 on one replica
+    assert sum(r["prefix_hits"] for r in after) >= 15
+    # unrelated prompts spread over both
+    before = {r["url"]: r["served"] for r in stats(base)["replicas"]}
+    with cf.ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda i: ask(i, f"You are assistant number {i}. " * 20), range(8)))
+    spread = [r["served"] - before[r["url"]] for r in stats(base)["replicas"]]
+    assert min(spread) >= 2, spread
+    # SSE passes through the router unbuffered and whole
+    kw = dict(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=8,
+              temperature=0)
+    full = client.completions.create(**kw).choices[0].text
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw)) \
+        == full
+
+    # a replica dies: the requests that had not started there go to the other one
+    os.kill(replicas[0], signal.SIGKILL)
+    with cf.ThreadPoolExecutor(4) as ex:
+        texts = list(ex.map(lambda i: client.completions.create(**kw).choices[0].text,
+                            range(8)))
+    assert texts == [full] * 8
+    deadline = time.monotonic() + 10
+    while stats(base)["status"] != "degraded":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = httpx.get(base + "/health", timeout=10)
+    assert r.status_code == 200 and [x["healthy"] for x in r.json()["replicas"]].count(True) == 1
+
+    stop_server(proc)  # the router takes its replicas with it
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in replicas) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in replicas)
