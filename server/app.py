@@ -82,11 +82,9 @@ def build_app(async_engine: AsyncLLMEngine | None, settings: ServerSettings,
     """One model (``async_engine``, served as ``settings.served_model_name``), or a
     registry config (``registry_spec``, each full version built by ``make_engine(kwargs)``
     on a thread while the server starts)."""
-    metrics_rows: list = []
-    metrics = Metrics(lambda: metrics_rows[0]())
-    registry = Registry(make_engine, lambda e: _gateway(e, settings), metrics,
+    registry = Registry(make_engine, lambda e: _gateway(e, settings),
                         request_timeout=settings.request_timeout)
-    metrics_rows.append(registry.rows)
+    metrics = registry.metrics = Metrics(registry.rows)
     if async_engine is not None:
         registry.adopt(settings.served_model_name, "1", async_engine)
         for name, path in (settings.lora_modules or {}).items():
