@@ -67,12 +67,12 @@ class LLMEngine:
         self.workers = None
         if config.tensor_parallel_size > 1:
             from .distributed.tp import Shards
-            from .distributed.workers import Workers
+            from .distributed.workers import start_workers
 
             cfg = self.model_config  # a shape that does not split fails here, before spawning
             Shards(0, config.tensor_parallel_size, cfg.num_attention_heads,
                    cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size)
-            self.workers = Workers(config, model_dir)
+            self.workers = start_workers(config, model_dir)
         try:
             self.runner = ModelRunner(config, self.model_config, model_dir,
                                       self.workers and self.workers.tp, self.workers)

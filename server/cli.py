@@ -75,8 +75,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="adapters kept in CPU memory (default: --max-loras)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int,
                    help="split the model over this many ranks (worker processes; gloo on CPU)")
-    p.add_argument("--distributed-executor-backend", choices=["mp"],
-                   help="how tensor-parallel workers run (mp: spawned processes)")
+    p.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                   help="how tensor-parallel workers run (mp: spawned processes; ray: Ray "
+                        "actors in a placement group)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", default=None)
     p.add_argument("--max-prompt-chars", type=int,

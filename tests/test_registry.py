@@ -209,8 +209,8 @@ def test_two_base_models_and_an_adapter_version_are_exact(two_bases, expected):
             status, got_model, ids, err = completion(client, model, stream=stream)
             assert status == 200, err
             assert got_model == reported and ids == expected[want], (model, stream)
-    cards = {c["id"]: c for c in client.get("/v1/models",
-                                            headers={"Authorization": f"Bearer {USER}"}).json()["data"]}
+    listing = client.get("/v1/models", headers={"Authorization": f"Bearer {USER}"})
+    cards = {c["id"]: c for c in listing.json()["data"]}
     assert {"tiny", "tiny:1", "tiny:2", "qwen", "qwen:1"} <= set(cards)
     assert cards["tiny:2"]["parent"] == "tiny:1" and cards["qwen:1"]["parent"] is None
     rows = index(client)
@@ -329,7 +329,8 @@ def test_admin_endpoints_take_only_the_admin_key(two_bases, models):
 
 
 def test_admin_api_is_off_without_an_admin_key(models):
-    doc = {"models": {"m": {"engine": TINY_ENGINE, "versions": {"1": {"path": models["llama"][0]}}}}}
+    doc = {"models": {"m": {"engine": TINY_ENGINE,
+                            "versions": {"1": {"path": models["llama"][0]}}}}}
     with TestClient(make_app(doc)) as client:
         r = admin(client, "POST", "/v2/repository/models/m/load",
                   {"parameters": {"path": models["variant"][0]}}, key=None)

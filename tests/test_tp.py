@@ -223,3 +223,27 @@ def test_bad_sizes_fail_before_anything_starts(tiny_models, size, needle):
     assert not children()
     with pytest.raises(ValueError, match="not supported with tensor_parallel_size"):
         LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, enable_lora=True)
+
+
+@pytest.mark.slow
+def test_ray_executor_equals_tp1(tiny_models):
+    """Ranks 1.. as Ray actors in a placement group, on a local Ray of 2 CPUs."""
+    ray = pytest.importorskip("ray")
+    path, _ = tiny_models("qwen2")
+    kw = dict(skip_tokenizer_init=True, dtype="float32", num_kv_blocks=20, block_size=4,
+              max_num_batched_tokens=16, max_num_seqs=4)
+    ref = run(LLM(path, **kw), prompts(2))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tp = LLM(path, tensor_parallel_size=2, distributed_executor_backend="ray", **kw)
+        try:
+            got = run(tp, prompts(2))
+            assert [o.outputs[0].token_ids for o in got] == \
+                [o.outputs[0].token_ids for o in ref]
+        finally:
+            tp.shutdown()
+        assert ray.util.placement_group_table() and all(
+            g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
+    finally:
+        ray.shutdown()
+    assert not children()

@@ -77,7 +77,8 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     # Tensor parallelism: the model's heads, MLP and vocabulary split over this many ranks
     # (this process is rank 0 and keeps the scheduler; the others are worker processes).
-    # "mp": spawned workers on this machine (gloo on CPU, NCCL on CUDA).
+    # "mp": spawned worker processes on this machine; "ray": Ray actors in a placement
+    # group (the Ray cluster this process is connected to, or a local one). gloo on CPU.
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"
 
@@ -107,8 +108,8 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got "
                              f"{self.tensor_parallel_size}.")
-        if self.distributed_executor_backend not in ("mp",):
-            raise ValueError(f"distributed_executor_backend must be 'mp', got "
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got "
                              f"{self.distributed_executor_backend!r}.")
         if self.tensor_parallel_size > 1:
             if self.torch_device.type != "cpu":

@@ -1,4 +1,5 @@
-"""The worker processes of one tensor-parallel engine (ranks 1..N-1), started with spawn.
+"""The workers of one tensor-parallel engine (ranks 1..N-1): spawned processes ("mp") or
+Ray actors in a placement group ("ray").
 
 Rank 0 (the engine's own process) creates a TCPStore on a port the OS picks (port 0: no
 guessing, no clash between engines), the workers join it, and all ranks build one gloo
@@ -6,8 +7,8 @@ group from it. Each worker then builds its ModelRunner shard and loops: receive 
 run its part of the forward pass (the collectives pair it with rank 0's), repeat; None
 stops it. A watchdog thread notices a worker that died: its sockets close, so rank 0's
 pending collective fails at once with gloo's "connection closed" and the engine raises
-instead of hanging; shutdown() joins (then kills) every worker, and a finalizer does the
-same if the engine is garbage-collected without it.
+instead of hanging; shutdown() stops every worker, and a finalizer does the same if the
+engine is garbage-collected without it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ _JOIN_TIMEOUT = datetime.timedelta(seconds=120)
 
 
 class WorkerDiedError(EngineFatalError):
-    """A tensor-parallel worker process exited; the engine cannot step any more."""
+    """A tensor-parallel worker exited; the engine cannot step any more."""
 
 
 def _threads_per_rank(world: int) -> int:
@@ -45,29 +46,47 @@ def _group(store, rank: int, world: int):
     return TPGroup(rank, world, dist.ProcessGroupGloo(store, rank, world, _GROUP_TIMEOUT))
 
 
+class _State:
+    """Shared with the watchdog thread and the finalizer, which must not keep the Workers
+    object alive (its finalizer is what stops the workers of an engine dropped without
+    shutdown())."""
+
+    def __init__(self) -> None:
+        self.died: str | None = None
+        self.closed = False
+
+
+def start_workers(config, model_dir: str) -> "Workers":
+    return (RayWorkers if config.distributed_executor_backend == "ray" else MPWorkers)(
+        config, model_dir)
+
+
 class Workers:
+    host = "127.0.0.1"
+
     def __init__(self, config, model_dir: str) -> None:
         import torch
         import torch.distributed as dist
 
         world = config.tensor_parallel_size
-        self.store = dist.TCPStore("127.0.0.1", 0, world, is_master=True,
+        self.store = dist.TCPStore(self.host, 0, world, is_master=True,
                                    wait_for_workers=False, timeout=_JOIN_TIMEOUT)
-        ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=worker_main, daemon=True,
-                                  name=f"kvserve-tp-rank{rank}",
-                                  args=(rank, world, self.store.port, config, model_dir))
-                      for rank in range(1, world)]
-        for p in self.procs:
-            p.start()
-        # shared with the watchdog thread, which must not keep this object alive (its
-        # finalizer is what reaps the workers of an engine dropped without shutdown())
         self.state = _State()
-        self._finalizer = weakref.finalize(self, _reap, list(self.procs), self.state)
-        threading.Thread(target=_watchdog, args=(list(self.procs), self.state), daemon=True,
-                         name="kvserve-tp-watchdog").start()
+        self._launch(config, model_dir, world)
         torch.set_num_threads(_threads_per_rank(world))  # the cores, shared out between ranks
         self.tp = _group(self.store, 0, world)
+
+    # what a backend provides
+    def _launch(self, config, model_dir: str, world: int) -> None:
+        raise NotImplementedError
+
+    def _find_dead(self) -> str | None:
+        """Which worker has exited, if one has (without waiting)."""
+        raise NotImplementedError
+
+    def _wait(self) -> None:
+        """After the stop step: give the workers up to 10 s to exit on their own."""
+        raise NotImplementedError
 
     @property
     def died(self) -> str | None:
@@ -87,34 +106,48 @@ class Workers:
         can close a moment before its exit is visible: look for up to 2 s)."""
         deadline = time.monotonic() + 2.0
         while self.died is None and time.monotonic() < deadline:
-            for p in self.procs:
-                if p.exitcode is not None:
-                    self.state.died = _exited(p)
+            self.state.died = self._find_dead()
             time.sleep(0.05)
         return WorkerDiedError(self.died or f"a tensor-parallel collective failed: {error}")
 
     def shutdown(self) -> None:
         if self.state.closed:
             return
-        self.state.closed = True
         if self.died is None:
             try:
                 self.tp.broadcast_object(None)
             except RuntimeError:
                 pass
-        for p in self.procs:
-            p.join(timeout=10)
-        self._finalizer()  # kills whoever did not exit
+        self.state.closed = True
+        self._wait()
+        self._finalizer()  # stops whoever did not exit
         # the model's layers keep the TPGroup; dropping its process group (and our store)
         # closes the group's sockets and the store's port now
         self.tp.pg = None
         self.store = None
 
 
-class _State:
-    def __init__(self) -> None:
-        self.died: str | None = None
-        self.closed = False
+# ---- spawned processes --------------------------------------------------------------------
+class MPWorkers(Workers):
+    def _launch(self, config, model_dir: str, world: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=worker_main, daemon=True,
+                                  name=f"kvserve-tp-rank{rank}",
+                                  args=(rank, world, self.host, self.store.port, config,
+                                        model_dir))
+                      for rank in range(1, world)]
+        for p in self.procs:
+            p.start()
+        self._finalizer = weakref.finalize(self, _reap, list(self.procs), self.state)
+        threading.Thread(target=_watchdog, args=(list(self.procs), self.state), daemon=True,
+                         name="kvserve-tp-watchdog").start()
+
+    def _find_dead(self) -> str | None:
+        return next((_exited(p) for p in self.procs if p.exitcode is not None), None)
+
+    def _wait(self) -> None:
+        for p in self.procs:
+            p.join(timeout=10)
 
 
 def _exited(p) -> str:
@@ -134,6 +167,88 @@ def _watchdog(procs, state: _State) -> None:
                 logger.error("%s: the engine cannot step any more", state.died)
 
 
+def _reap(procs, state: _State) -> None:
+    state.closed = True
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(timeout=5)
+
+
+# ---- Ray actors ---------------------------------------------------------------------------
+class RayWorkers(Workers):
+    """Ranks 1..N-1 as Ray actors of one CPU each, in a STRICT_PACK placement group (one
+    node; a multi-node cluster works as it is with PACK). Uses the Ray cluster this process
+    is connected to (``ray.init`` first), or starts a local one."""
+
+    def __init__(self, config, model_dir: str) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        self.host = ray.util.get_node_ip_address()  # rank 0's address, for the others
+        super().__init__(config, model_dir)
+
+    def _launch(self, config, model_dir: str, world: int) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.group = placement_group([{"CPU": 1}] * (world - 1), strategy="STRICT_PACK")
+        ray.get(self.group.ready(), timeout=60)
+        actor = ray.remote(num_cpus=1)(_RayRank)
+        self.actors = [actor.options(
+            name=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=i)).remote() for i in range(world - 1)]
+        self.runs = [a.run.remote(rank, world, self.host, self.store.port, config, model_dir)
+                     for rank, a in enumerate(self.actors, start=1)]
+        self._finalizer = weakref.finalize(self, _reap_ray, list(self.actors), self.group,
+                                           self.state)
+        threading.Thread(target=_ray_watchdog, args=(list(self.runs), self.state), daemon=True,
+                         name="kvserve-tp-watchdog").start()
+
+    def _find_dead(self) -> str | None:
+        import ray
+
+        done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        return f"tensor-parallel Ray actor of rank {self.runs.index(done[0]) + 1} exited" \
+            if done else None
+
+    def _wait(self) -> None:
+        import ray
+
+        ray.wait(self.runs, num_returns=len(self.runs), timeout=10)
+
+
+class _RayRank:
+    def run(self, rank: int, world: int, host: str, port: int, config, model_dir: str) -> None:
+        worker_main(rank, world, host, port, config, model_dir, tie_to_parent=False)
+
+
+def _ray_watchdog(runs, state: _State) -> None:
+    import ray
+
+    pending = list(runs)
+    while pending and not state.closed:
+        done, pending = ray.wait(pending, timeout=0.5)
+        if done and not state.closed and state.died is None:
+            state.died = f"tensor-parallel Ray actor of rank {runs.index(done[0]) + 1} exited"
+            logger.error("%s: the engine cannot step any more", state.died)
+
+
+def _reap_ray(actors, group, state: _State) -> None:
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    state.closed = True
+    if not ray.is_initialized():
+        return
+    for a in actors:
+        ray.kill(a)
+    remove_placement_group(group)
+
+
+# ---- a worker -------------------------------------------------------------------------------
 def die_with_parent(sig: int = 9) -> None:
     """Linux: this process gets ``sig`` (default SIGKILL) when its parent dies, however the
     parent dies (uvicorn re-raises SIGTERM after its shutdown, so a parent's `finally` may
@@ -146,25 +261,19 @@ def die_with_parent(sig: int = 9) -> None:
         pass  # not glibc Linux: the closed sockets still end a worker
 
 
-def _reap(procs, state: _State) -> None:
-    state.closed = True
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join(timeout=5)
-
-
-def worker_main(rank: int, world: int, port: int, config, model_dir: str) -> None:
-    """A worker process: join the group, build this rank's shard, run steps until None."""
+def worker_main(rank: int, world: int, host: str, port: int, config, model_dir: str,
+                tie_to_parent: bool = True) -> None:
+    """A worker: join the group, build this rank's shard, run steps until None."""
     import torch
     import torch.distributed as dist
 
     from ..model_executor.model_config import ModelConfig
     from ..model_executor.model_runner import ModelRunner
 
-    die_with_parent()
+    if tie_to_parent:
+        die_with_parent()
     torch.set_num_threads(_threads_per_rank(world))
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=_JOIN_TIMEOUT)
+    store = dist.TCPStore(host, port, world, is_master=False, timeout=_JOIN_TIMEOUT)
     tp = _group(store, rank, world)
     torch.manual_seed(config.seed)
     runner = ModelRunner(config, ModelConfig.from_pretrained(model_dir), model_dir, tp=tp)

@@ -288,8 +288,8 @@ class Registry:
             raise P.APIError(400, f"failed to load {name} version {version}: {v.reason}",
                              code="load_failed") from None
         v.state = READY
-        routable = [k for k, w in model.traffic.items()
-                    if w > 0 and k in model.versions and model.versions[k].routable and k != version]
+        routable = [k for k, w in model.traffic.items() if w > 0 and k != version
+                    and k in model.versions and model.versions[k].routable]
         if weight is None:
             weight = 0.0 if routable else 100.0
         if weight > 0 or not routable:
@@ -504,20 +504,28 @@ class Registry:
         while True:
             await asyncio.sleep(self._reap_interval())
             now = time.monotonic()
-            for model in self.models.values():
-                if not model.idle_unload_s:
-                    continue
-                for v in model.versions.values():
-                    # a LoRA version's requests also touch its base's last_used
-                    if (v.state == READY and not v.spec.is_lora and v.gateway is not None
-                            and v.gateway.idle and now - v.last_used >= model.idle_unload_s):
-                        v.state, v.reason = IDLE, (f"no request for {model.idle_unload_s:g} s: "
-                                                   f"freed; the next request loads it")
-                        await self._free(v)
-                        for m in self.models.values():
-                            for o in m.versions.values():
-                                if o.base is v and o.state == READY:
-                                    o.state, o.gateway, o.reason = IDLE, None, v.reason
+            # a LoRA version's requests also touch its base's last_used
+            idle = [v for m in list(self.models.values()) if m.idle_unload_s
+                    for v in list(m.versions.values())
+                    if v.state == READY and not v.spec.is_lora and v.gateway is not None
+                    and v.gateway.idle and now - v.last_used >= m.idle_unload_s]
+            for v in idle:
+                try:
+                    await self._park(v)
+                except Exception:  # noqa: BLE001 - one bad park must not end scale to zero
+                    logger.exception("parking %s version %s failed", v.model, v.version)
+
+    async def _park(self, v: Version) -> None:
+        if v.state != READY or v.gateway is None or not v.gateway.idle:
+            return  # a request came while others were parked
+        seconds = self.models[v.model].idle_unload_s
+        v.state = IDLE
+        v.reason = f"no request for {seconds:g} s: freed; the next request loads it"
+        await self._free(v)
+        for m in list(self.models.values()):
+            for o in list(m.versions.values()):
+                if o.base is v and o.state == READY:
+                    o.state, o.gateway, o.reason = IDLE, None, v.reason
 
     def _reap_interval(self) -> float:
         idles = [m.idle_unload_s for m in self.models.values() if m.idle_unload_s]
