@@ -71,6 +71,9 @@ class RequestTimer:
                  model: tuple[str, str] | None = None) -> None:
         self.metrics, self.protocol, self.adapter = metrics, protocol, adapter
         self.model = model  # (model name, version) when the registry routed it
+        # the labelled children, looked up once rather than per streamed token
+        self.model_ttft = metrics.model_ttft.labels(*model) if model else None
+        self.model_tpot = metrics.model_tpot.labels(*model) if model else None
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.queue_seen = False
@@ -84,13 +87,12 @@ class RequestTimer:
         t = time.monotonic()
         if self.last_token is None:
             self.metrics.ttft.observe(t - self.start)
-            if self.model is not None:
-                self.metrics.model_ttft.labels(*self.model).observe(t - self.start)
+            if self.model_ttft is not None:
+                self.model_ttft.observe(t - self.start)
         else:
             self.metrics.itl.observe((t - self.last_token) / new_tokens)
-            if self.model is not None:
-                self.metrics.model_tpot.labels(*self.model).observe(
-                    (t - self.last_token) / new_tokens)
+            if self.model_tpot is not None:
+                self.model_tpot.observe((t - self.last_token) / new_tokens)
         self.last_token = t
 
     def finish(self, outcome: str, prompt_tokens: int = 0, generated: int = 0) -> None:
