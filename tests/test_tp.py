@@ -100,7 +100,8 @@ def prompts(seed: int) -> list[list[int]]:
 
 def run(llm: LLM, prompt_list, seed=0):
     """Greedy and seeded-sampled outputs with logprobs, and one request aborted mid-way."""
-    params = [SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=3),
+    params = [SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, logprobs=3,
+                             prompt_logprobs=2),
               SamplingParams(temperature=0.9, seed=seed, max_tokens=NEW, ignore_eos=True)]
     engine = llm.engine
     for i, p in enumerate(prompt_list):
@@ -132,8 +133,15 @@ def test_tp2_equals_tp1(tiny_models, arch):
         got = run(tp, prompts(1))
         assert tp.engine.scheduler.num_preemptions > 0
         assert tp.engine.get_stats()["prefix_cache_hits"] > 0
+        assert any(o.prompt_logprobs for o in got)  # the prompt-logprob rows ran under TP
         for a, b in zip(ref, got):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+            for pa, pb in zip(a.prompt_logprobs or [], b.prompt_logprobs or []):
+                assert (pa is None) == (pb is None)
+                if pa is not None:
+                    assert pa.keys() == pb.keys()
+                    assert all(abs(pa[t].logprob - pb[t].logprob) < 1e-4 for t in pa)
             for la, lb in zip(a.outputs[0].logprobs or [], b.outputs[0].logprobs or []):
                 assert la.keys() == lb.keys()
                 assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 for t in la)

@@ -381,21 +381,17 @@ class ModelRunner:
     def _execute_tp(self, sched: SchedulerOutput, kv: KVCacheManager):
         """Rank 0 under tensor parallelism: send the step, run this rank's part (every rank
         computes the same logit rows: the lm_head gather is a collective), sample here."""
-        seqs, tables, sample_rows, sampling_reqs, spans = [], [], [], [], []
+        seqs, tables, sample_rows, sampling_reqs = [], [], [], []
         row = 0
         for s in sched.scheduled:
             req, start = s.request, s.request.num_computed_tokens
             seqs.append((req.request_id, req.token_ids[start:start + s.num_tokens], start))
             tables.append(kv.block_ids(req.request_id))
-            first = max(start, len(req.prompt_logprobs))
-            last = min(start + s.num_tokens, req.num_prompt_tokens - 1)
-            if req.needs_prompt_logprobs and first < last:
-                spans.append((req, first, last, list(range(row + first - start,
-                                                            row + last - start))))
             row += s.num_tokens
             if s.samples:
                 sample_rows.append(row - 1)
                 sampling_reqs.append(req)
+        spans = self._prompt_spans(sched)
         prompt_rows = [r for *_, rows in spans for r in rows]
         step = self.sender.encode(seqs, tables, prompt_rows + sample_rows)
         self.workers.send(step)
@@ -441,17 +437,27 @@ class ModelRunner:
     def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict:
         """request id -> [(logprob, rank, top ids, top logprobs)] of the prompt tokens this
         step's chunk predicts (position p predicts token p + 1), for requests that want them."""
-        out, row = {}, 0
+        out = {}
+        for req, first, last, rows in self._prompt_spans(sched):
+            rows_t = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+            out[req.request_id] = self._prompt_entries(
+                req, first, last, self.model.compute_logits(hidden[rows_t]))
+        return out
+
+    @staticmethod
+    def _prompt_spans(sched: SchedulerOutput) -> list[tuple[Request, int, int, list[int]]]:
+        """(request, first, last, batch rows) for each chunk whose prompt tokens first+1 ..
+        last want logprobs (position p predicts token p + 1)."""
+        spans, row = [], 0
         for s in sched.scheduled:
             req, start = s.request, s.request.num_computed_tokens
             first = max(start, len(req.prompt_logprobs))  # after a preemption: no repeats
             last = min(start + s.num_tokens, req.num_prompt_tokens - 1)  # exclusive
             if req.needs_prompt_logprobs and first < last:
-                rows = torch.arange(row + first - start, row + last - start, device=hidden.device)
-                out[req.request_id] = self._prompt_entries(
-                    req, first, last, self.model.compute_logits(hidden[rows]))
+                spans.append((req, first, last, list(range(row + first - start,
+                                                           row + last - start))))
             row += s.num_tokens
-        return out
+        return spans
 
     @staticmethod
     def _prompt_entries(req: Request, first: int, last: int, logits: torch.Tensor) -> list:
