@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -200,16 +201,35 @@ def cpu_bf16_is_faster(margin: float = 1.5) -> bool:
     """Whether this CPU runs bf16 matmuls at least ``margin`` times faster than fp32.
 
     The flag alone is not enough: on some AVX512-BF16 parts oneDNN's bf16 GEMM is slower
-    than MKL's fp32 one, so it is measured (about 50 ms, once per process)."""
+    than MKL's fp32 one, so it is measured (about 50 ms). A timing can land either side of
+    the margin when the machine is busy, and two processes on one machine (replicas, TP
+    ranks, ``kvserve info``) must not pick different dtypes, so the first verdict is kept in
+    ~/.cache/kvserve/ per CPU model and torch version. ``KVSERVE_CPU_BF16=0|1`` overrides it."""
+    forced = os.environ.get("KVSERVE_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            cpuinfo = f.read()
     except OSError:
         return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+    if "avx512_bf16" not in cpuinfo and "amx_bf16" not in cpuinfo:
         return False
     import torch
 
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), "cpu")
+    key = f"{model}|torch {torch.__version__}|margin {margin}"
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "kvserve", "cpu_bf16.json")
+    verdicts = _read_json(path)
+    if key not in verdicts:
+        verdicts[key] = _measure_bf16_speedup(torch) >= margin
+        _write_json(path, verdicts)
+    return bool(verdicts[key])
+
+
+def _measure_bf16_speedup(torch) -> float:
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
         x, w = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
@@ -220,7 +240,28 @@ def cpu_bf16_is_faster(margin: float = 1.5) -> bool:
             start = time.perf_counter()
             torch.nn.functional.linear(x, w)
             best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] >= margin * best[torch.bfloat16]
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Best effort and atomic (write then rename): a read-only home only costs a re-measure."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def default_model_path() -> str:
