@@ -72,6 +72,56 @@ def greedy(llm, prompt_list, loras, max_tokens=NEW):
     return [o.outputs[0].token_ids for o in outs]
 
 
+# ---- the prepacked CPU path against the torch reference ------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("token_slot", [
+    [1] * 5,                                    # one run: per-run GEMMs
+    [0] * 40 + [-1] * 3 + [2] * 45,             # few long runs (prefill chunks): per run
+    [0, 2, -1, 1, 1, 0, 2, 2, -1, 0],           # many short runs (decode rows): one-hot
+])
+def test_prepacked_deltas_equal_the_reference(dtype, token_slot):
+    from kernels.lora import (PackedSlots, can_prepack, lora_delta_packed, lora_delta_torch,
+                              slot_mask, slot_runs, use_runs)
+
+    if not can_prepack(dtype, "cpu"):
+        pytest.skip("no oneDNN linear prepacking in this torch build")
+    gen = torch.Generator().manual_seed(0)
+    width, slots, fan_in, fan_out = 12, 3, 40, 56
+    a = (torch.randn(fan_in, slots * width, generator=gen) / fan_in ** 0.5).to(dtype)
+    b = (torch.randn(slots * width, fan_out, generator=gen) / width ** 0.5).to(dtype)
+    packs = PackedSlots(a, b, width)
+    b[width:2 * width] *= -2  # slot 1 changes after packing: stale until repacked
+    packs.repack(1)
+    x = torch.randn(len(token_slot), fan_in, generator=gen).to(dtype)
+    base = torch.randn(len(token_slot), fan_out, generator=gen).to(dtype)
+    onehot, lo, hi = slot_mask(token_slot, dtype, "cpu")
+    want = lora_delta_torch(x.float(), a.float(), b.float(),
+                            None if onehot is None else onehot.float(), lo, hi, width,
+                            out=base.float().clone())
+    runs = slot_runs(token_slot)
+    assert [(s, e) for s, e, _ in runs] == [
+        (i, j) for i, j in _runs_of(token_slot)], runs
+    full = (torch.tensor(token_slot)[:, None] == torch.arange(slots)).to(dtype)
+    for how in ("runs", "onehot"):
+        got = lora_delta_packed(x, base.clone(), packs, runs if how == "runs" else None, full)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    assert use_runs(runs) == (len(runs) == 1 or len(token_slot) > 20)
+
+
+def _runs_of(token_slot):
+    """Maximal runs of one adapter, written the slow way."""
+    out, i = [], 0
+    while i < len(token_slot):
+        j = i
+        while j < len(token_slot) and token_slot[j] == token_slot[i]:
+            j += 1
+        if token_slot[i] >= 0:
+            out.append((i, j))
+        i = j
+    return out
+
+
 # ---- slots: plain Python, step by step ----------------------------------------------------
 def test_slots_refcount_lru_and_loads():
     slots = LoRASlots(2)

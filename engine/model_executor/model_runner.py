@@ -361,6 +361,8 @@ class ModelRunner:
         request id for the chunks that wanted them)."""
         if self.tp is not None:
             return self._execute_tp(sched, kv)
+        if self.lora is not None:
+            sched = self._group_by_adapter(sched)
         input_ids, positions, meta, logits_rows, sampling_reqs = self._prepare(sched, kv)
         hidden = None
         if self.lora is not None and self._set_lora_step(sched):
@@ -421,6 +423,15 @@ class ModelRunner:
             return None
         rows = torch.tensor(step.logit_rows, dtype=torch.long, device=hidden.device)
         return self.model.compute_logits(hidden[rows])
+
+    @staticmethod
+    def _group_by_adapter(sched: SchedulerOutput) -> SchedulerOutput:
+        """The step's requests with each adapter's tokens next to each other (stable), so the
+        LoRA layers see one run per adapter. Safe: every layer stores the whole step's K/V
+        before any row attends, so row order within a step does not change what is read."""
+        def slot(s):
+            return -1 if s.request.lora_slot is None else s.request.lora_slot
+        return SchedulerOutput(sorted(sched.scheduled, key=slot), sched.preempted)
 
     def _set_lora_step(self, sched: SchedulerOutput) -> bool:
         """Each token's adapter slot for the LoRA layers; True if any token has one."""
