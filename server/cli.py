@@ -192,7 +192,7 @@ def serve(argv: list[str]) -> int:
     from engine.async_engine import AsyncLLMEngine
     from engine.core.config import EngineConfig
 
-    from .app import ServerSettings, build_app
+    from .app import build_app
 
     engine_kwargs, srv = load_settings(argv)
     if srv.get("data_parallel_size", 1) > 1:
@@ -216,20 +216,7 @@ def serve(argv: list[str]) -> int:
         name = srv.get("served_model_name") or _default_name(engine_kwargs.get("model"))
     else:
         name = next(iter(registry_spec.models))
-    settings = ServerSettings(
-        served_model_name=name, api_key=srv.get("api_key"),
-        request_timeout=srv.get("request_timeout"),
-        max_body_bytes=srv.get("max_body_bytes", 8 << 20),
-        body_read_timeout=srv.get("body_read_timeout", 30.0),
-        trust_request_chat_template=bool(srv.get("trust_request_chat_template")),
-        exit_on_engine_death_after=(srv.get("engine_death_grace", 2.0)
-                                    if srv.get("exit_on_engine_death", True) else None),
-        grpc_port=srv.get("grpc_port", 8001) or None, grpc_host=srv.get("host", "127.0.0.1"),
-        grpc_max_message_bytes=srv.get("grpc_max_message_bytes", 64 << 20),
-        tool_call_parser=srv.get("tool_call_parser", "auto"),
-        chat_template=_read_template(srv.get("chat_template")), lora_modules=loras,
-        allow_runtime_lora_updates=bool(srv.get("allow_runtime_lora_updates")),
-        admin_key=srv.get("admin_key"))
+    settings = server_settings(srv, name, loras)
     app = build_app(async_engine, settings, registry_spec, lambda kwargs: (
         AsyncLLMEngine.from_config(EngineConfig(**kwargs), max_waiting)))
     if async_engine is None:
@@ -248,6 +235,26 @@ def serve(argv: list[str]) -> int:
         logging.getLogger("kvserve.server").error("exiting with status 1: the engine loop died")
         return 1
     return 0
+
+
+def server_settings(srv: dict, name: str, loras: dict[str, str]):
+    """The ServerSettings of merged `serve` settings (flags over the TOML config)."""
+    from .app import ServerSettings
+
+    return ServerSettings(
+        served_model_name=name, api_key=srv.get("api_key"),
+        request_timeout=srv.get("request_timeout"),
+        max_body_bytes=srv.get("max_body_bytes", 8 << 20),
+        body_read_timeout=srv.get("body_read_timeout", 30.0),
+        trust_request_chat_template=bool(srv.get("trust_request_chat_template")),
+        exit_on_engine_death_after=(srv.get("engine_death_grace", 2.0)
+                                    if srv.get("exit_on_engine_death", True) else None),
+        grpc_port=srv.get("grpc_port", 8001) or None, grpc_host=srv.get("host", "127.0.0.1"),
+        grpc_max_message_bytes=srv.get("grpc_max_message_bytes", 64 << 20),
+        tool_call_parser=srv.get("tool_call_parser", "auto"),
+        chat_template=_read_template(srv.get("chat_template")), lora_modules=loras,
+        allow_runtime_lora_updates=bool(srv.get("allow_runtime_lora_updates")),
+        admin_key=srv.get("admin_key"))
 
 
 def _registry_spec(srv: dict, engine_kwargs: dict):

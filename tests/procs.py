@@ -35,3 +35,13 @@ def children_of(parent: int, needle: bytes | None = None) -> list[int]:
 def alive(pid: int) -> bool:
     fields = _stat(str(pid))
     return fields is not None and fields[0] != "Z"
+
+
+def descendants_of(parent: int) -> list[int]:
+    """Live children of ``parent``, their children, and so on."""
+    out, todo = [], [parent]
+    while todo:
+        kids = children_of(todo.pop())
+        out += kids
+        todo += kids
+    return out

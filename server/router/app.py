@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 
 import httpx
@@ -23,7 +22,7 @@ from starlette.routing import Route
 
 from ..http_body import read_body
 from .. import protocol as P
-from .policy import AffinityPolicy, Replica, prefix_hashes
+from .policy import AffinityPolicy, Replica, request_hashes
 
 logger = logging.getLogger("kvserve.router")
 
@@ -32,7 +31,6 @@ _DROP_REQUEST = {"host", "connection", "keep-alive", "transfer-encoding", "te", 
                  "proxy-connection", "content-length"}
 _DROP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                   "proxy-connection", "content-length", "date", "server"}
-_GENERATE = ("/v1/completions", "/v1/chat/completions")
 _METRICS = ("kvserve_num_requests_waiting", "kvserve_num_requests_running")
 
 
@@ -82,7 +80,7 @@ class Router:
             body = await read_body(request, self.max_body_bytes, self.body_read_timeout)
         except P.APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        hashes = _hashes(request.url.path, body) if request.method == "POST" else []
+        hashes = request_hashes(request.url.path, body) if request.method == "POST" else []
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
         tried: set[str] = set()
@@ -122,23 +120,6 @@ async def _passthrough(response: httpx.Response, replica: Replica):
     finally:
         replica.in_flight -= 1
         await response.aclose()
-
-
-def _hashes(path: str, body: bytes) -> list[bytes]:
-    """Prefix hashes of a generate request's prompt (or messages); none for other routes."""
-    if not path.endswith(_GENERATE + ("/generate", "/generate_stream")):
-        return []
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return []
-    if not isinstance(data, dict):
-        return []
-    for key in ("messages", "prompt", "text_input"):
-        if key in data:
-            value = data[key]
-            return prefix_hashes(value if isinstance(value, str) else json.dumps(value))
-    return []
 
 
 def _metric(text: str, name: str) -> float:

@@ -12,6 +12,7 @@ requests: then load wins. With no match anywhere, the least-loaded replica takes
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -28,6 +29,26 @@ def prefix_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[bytes]:
                                digest_size=12).digest()
         out.append(prev)
     return out
+
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream")
+
+
+def request_hashes(path: str, body: bytes) -> list[bytes]:
+    """Prefix hashes of a generate request's prompt (or messages); none for other routes."""
+    if not path.endswith(GENERATE_PATHS):
+        return []
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(data, dict):
+        return []
+    for key in ("messages", "prompt", "text_input"):
+        if key in data:
+            value = data[key]
+            return prefix_hashes(value if isinstance(value, str) else json.dumps(value))
+    return []
 
 
 @dataclass
@@ -67,15 +88,27 @@ class AffinityPolicy:
         self.max_imbalance = max_imbalance
 
     def choose(self, hashes: list[bytes], exclude: set[str] = frozenset()) -> Replica | None:
-        """The replica for a request with these prefix hashes (None: no healthy one)."""
+        """The replica for a request with these prefix hashes (None: no healthy one),
+        recorded as sent there."""
+        picked = self.pick(hashes, exclude)
+        if picked is not None:
+            self.record(*picked, hashes)
+        return picked and picked[0]
+
+    def pick(self, hashes: list[bytes], exclude: set[str] = frozenset()
+             ) -> tuple[Replica, bool] | None:
+        """(the replica for these prefix hashes, whether for a prefix match); records
+        nothing (for callers that learn later where the request really went)."""
         pool = [r for r in self.replicas if r.healthy and r.url not in exclude]
         if not pool:
             return None
         least = min(pool, key=lambda r: (r.load, r.served))
         best = max(pool, key=lambda r: (r.matched(hashes), -r.load))
         hit = best.matched(hashes) > 0 and best.load - least.load <= self.max_imbalance
-        chosen = best if hit else least
-        chosen.served += 1
-        chosen.prefix_hits += int(hit)
-        chosen.remember(hashes)
-        return chosen
+        return (best, True) if hit else (least, False)
+
+    @staticmethod
+    def record(replica: Replica, hit: bool, hashes: list[bytes]) -> None:
+        replica.served += 1
+        replica.prefix_hits += int(hit)
+        replica.remember(hashes)
