@@ -150,6 +150,48 @@ def test_tp2_equals_tp1(tiny_models, arch):
     assert not children()
 
 
+def prompt_logprobs(llm: LLM, prompt_list) -> list[float]:
+    """Teacher-forced logprob of every prompt token after the first (no divergence to
+    follow, unlike greedy text)."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params,
+                        use_tqdm=False)
+    return [entry[tok].logprob for o, p in zip(outs, prompt_list)
+            for entry, tok in zip(o.prompt_logprobs[1:], p[1:])]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_shards_are_as_close_to_fp32_as_one_process(tiny_models, quant):
+    """Quantization per shard cannot be bit-equal to one process (a row-parallel shard's
+    weight rows, int4 groups' bf16 outputs and W8A8's per-token activation scales cover only
+    its own columns), so the oracle is the fp32 model: tp=2 quantized must be as close to it
+    as tp=1 quantized is, on average and at the worst token."""
+    path, _ = tiny_models("llama")
+    kw = dict(skip_tokenizer_init=True, dtype="float32", num_kv_blocks=64, block_size=4)
+    prompt_list = prompts(2)
+    exact = prompt_logprobs(LLM(path, **kw), prompt_list)
+    kw["quantization"] = quant
+    if quant == "int4":
+        kw["int4_max_rows"] = 1024  # int4 for the prefill rows too, not only small batches
+    one = prompt_logprobs(LLM(path, **kw), prompt_list)
+    tp = LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        two = prompt_logprobs(tp, prompt_list)
+    finally:
+        tp.shutdown()
+
+    def mean_err(xs):
+        return sum(abs(a - b) for a, b in zip(xs, exact)) / len(exact)
+
+    def max_err(xs):
+        return max(abs(a - b) for a, b in zip(xs, exact))
+
+    assert mean_err(one) > 1e-3 and mean_err(two) > 0.2 * mean_err(one)  # both quantized
+    assert mean_err(two) < 1.5 * mean_err(one) + 1e-3, (mean_err(two), mean_err(one))
+    assert max_err(two) < 1.5 * max_err(one) + 1e-3, (max_err(two), max_err(one))
+    assert not children()
+
+
 def test_collectives_per_forward(tiny_models):
     path, _ = tiny_models("llama")
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", num_kv_blocks=32,

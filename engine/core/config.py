@@ -116,8 +116,7 @@ class EngineConfig:
             if self.torch_device.type != "cpu":
                 raise ValueError("tensor_parallel_size > 1 runs on CPU (gloo) for now; the "
                                  "CUDA path (NCCL, a device per rank) is not built yet.")
-            for name, off in (("enable_lora", False), ("cpu_compile", False),
-                              ("quantization", None)):
+            for name, off in (("enable_lora", False), ("cpu_compile", False)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name} is not supported with tensor_parallel_size > 1 "
                                      f"yet.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -56,10 +57,15 @@ def serve_replicas(argv: list[str], n: int, host: str, port: int, log_level: str
     from ..cli import free_port
 
     ports = [free_port() for _ in range(n)]
+    # One box: the cores are shared out (N engines of all cores each would fight over them),
+    # unless the caller chose a thread count.
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     # the replicas go when this process goes, even when a signal ends it before `finally`
     procs = [subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *argv,
                                "--host", "127.0.0.1", "--port", str(p), "--grpc-port", "0"],
-                              preexec_fn=functools.partial(die_with_parent, signal.SIGTERM))
+                              preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
+                              env=env)
              for p in ports]
     try:
         _wait_healthy(ports, procs)
