@@ -90,6 +90,17 @@ def test_decode_step_input_stays_small_at_any_context():
     assert isinstance(StepInput([], []), StepInput)
 
 
+def test_ray_placement_packs_one_node_when_it_can():
+    from engine.distributed.workers import placement_strategy
+
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 4.0}},
+             {"Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0}},
+             {"Alive": False, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 64.0}}]
+    assert placement_strategy(nodes, "10.0.0.1", 3) == "STRICT_PACK"
+    assert placement_strategy(nodes, "10.0.0.1", 7) == "PACK"  # spills onto 10.0.0.2
+    assert placement_strategy(nodes, "10.0.0.3", 7) == "PACK"  # rank 0's node is not in Ray
+
+
 # ---- tp=2 against tp=1 on tiny models --------------------------------------------------
 def prompts(seed: int) -> list[list[int]]:
     rng = random.Random(seed)

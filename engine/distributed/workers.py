@@ -38,12 +38,21 @@ def _threads_per_rank(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
-def _group(store, rank: int, world: int):
+def _group(store, rank: int, world: int, own_host: str):
+    """The gloo group, its sockets on ``own_host`` (this rank's address as the others reach
+    it), or on GLOO_SOCKET_IFNAME's interface when that is set. gloo's own default, the
+    address the hostname resolves to, is 127.0.1.1 on many Linux hosts: fine on one node,
+    unreachable from the next."""
     import torch.distributed as dist
 
     from .tp import TPGroup
 
-    return TPGroup(rank, world, dist.ProcessGroupGloo(store, rank, world, _GROUP_TIMEOUT))
+    gloo = dist.ProcessGroupGloo
+    options = gloo._Options()
+    options._timeout = _GROUP_TIMEOUT
+    options._devices = [gloo.create_default_device() if os.environ.get("GLOO_SOCKET_IFNAME")
+                        else gloo.create_device(hostname=own_host)]
+    return TPGroup(rank, world, gloo(store, rank, world, options))
 
 
 class _State:
@@ -74,7 +83,7 @@ class Workers:
         self.state = _State()
         self._launch(config, model_dir, world)
         torch.set_num_threads(_threads_per_rank(world))  # the cores, shared out between ranks
-        self.tp = _group(self.store, 0, world)
+        self.tp = _group(self.store, 0, world, self.host)
 
     # what a backend provides
     def _launch(self, config, model_dir: str, world: int) -> None:
@@ -177,9 +186,10 @@ def _reap(procs, state: _State) -> None:
 
 # ---- Ray actors ---------------------------------------------------------------------------
 class RayWorkers(Workers):
-    """Ranks 1..N-1 as Ray actors of one CPU each, in a STRICT_PACK placement group (one
-    node; a multi-node cluster works as it is with PACK). Uses the Ray cluster this process
-    is connected to (``ray.init`` first), or starts a local one."""
+    """Ranks 1..N-1 as Ray actors of one CPU each, in a placement group: STRICT_PACK when
+    rank 0's node can hold them, else PACK across nodes (each rank's gloo sockets on its
+    node's address). Uses the Ray cluster this process is connected to (``ray.init``
+    first), or starts a local one."""
 
     def __init__(self, config, model_dir: str) -> None:
         import ray
@@ -194,7 +204,8 @@ class RayWorkers(Workers):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.group = placement_group([{"CPU": 1}] * (world - 1), strategy="STRICT_PACK")
+        strategy = placement_strategy(ray.nodes(), self.host, world - 1)
+        self.group = placement_group([{"CPU": 1}] * (world - 1), strategy=strategy)
         ray.get(self.group.ready(), timeout=60)
         actor = ray.remote(num_cpus=1)(_RayRank)
         self.actors = [actor.options(
@@ -220,9 +231,20 @@ class RayWorkers(Workers):
         ray.wait(self.runs, num_returns=len(self.runs), timeout=10)
 
 
+def placement_strategy(nodes: list[dict], host: str, bundles: int) -> str:
+    """STRICT_PACK (every worker on one node, the fastest all-reduce) when rank 0's node
+    has the CPUs for them all, else PACK: as few nodes as the cluster allows."""
+    here = [n for n in nodes if n.get("Alive") and n.get("NodeManagerAddress") == host]
+    cpus = here[0].get("Resources", {}).get("CPU", 0) if here else 0
+    return "STRICT_PACK" if cpus >= bundles else "PACK"
+
+
 class _RayRank:
     def run(self, rank: int, world: int, host: str, port: int, config, model_dir: str) -> None:
-        worker_main(rank, world, host, port, config, model_dir, tie_to_parent=False)
+        import ray
+
+        worker_main(rank, world, host, port, config, model_dir, tie_to_parent=False,
+                    own_host=ray.util.get_node_ip_address())
 
 
 def _ray_watchdog(runs, state: _State) -> None:
@@ -262,8 +284,10 @@ def die_with_parent(sig: int = 9) -> None:
 
 
 def worker_main(rank: int, world: int, host: str, port: int, config, model_dir: str,
-                tie_to_parent: bool = True) -> None:
-    """A worker: join the group, build this rank's shard, run steps until None."""
+                tie_to_parent: bool = True, own_host: str | None = None) -> None:
+    """A worker: join the group (rank 0's store at host:port; this rank's sockets on
+    ``own_host``, default ``host``: the same node), build this rank's shard, run steps
+    until None."""
     import torch
     import torch.distributed as dist
 
@@ -274,7 +298,7 @@ def worker_main(rank: int, world: int, host: str, port: int, config, model_dir: 
         die_with_parent()
     torch.set_num_threads(_threads_per_rank(world))
     store = dist.TCPStore(host, port, world, is_master=False, timeout=_JOIN_TIMEOUT)
-    tp = _group(store, rank, world)
+    tp = _group(store, rank, world, own_host or host)
     torch.manual_seed(config.seed)
     runner = ModelRunner(config, ModelConfig.from_pretrained(model_dir), model_dir, tp=tp)
     runner.allocate_kv_cache()
