@@ -349,9 +349,8 @@ class LLMEngine:
         except faults.EngineFatalError:
             raise
         except Exception as e:  # noqa: BLE001 - isolate the request(s) that caused it
-            if self.workers is not None:
-                # the ranks may be between collectives: re-running halves is not safe
-                raise faults.EngineFatalError(f"a tensor-parallel step failed: {e!r}") from e
+            # (under TP a failure inside the forward pass is already an EngineFatalError: the
+            # ranks may be between collectives; one after it, in sampling, is not)
             if len(scheduled) == 1:
                 logger.exception("request %s failed inside a step", scheduled[0].request.request_id)
                 return {}, [], {scheduled[0].request: e}

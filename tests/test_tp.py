@@ -203,6 +203,37 @@ def test_quantized_shards_are_as_close_to_fp32_as_one_process(tiny_models, quant
     assert not children()
 
 
+def test_a_sampling_failure_fails_that_request_alone(tiny_models):
+    """A failure after the forward pass (rank 0's sampler) is isolated as in one process:
+    halves of the step re-run on every rank, the culprit fails, the rest equal tp=1."""
+    from engine.core import faults
+
+    path, _ = tiny_models("llama")
+    kw = dict(skip_tokenizer_init=True, dtype="float32", num_kv_blocks=64, block_size=4)
+    prompt_list = prompts(3)[:4]
+    params = [SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True, seed=s)
+              for s in (1, 2, 666, 3)]
+    want = LLM(path, **kw).generate([{"prompt_token_ids": p} for p in prompt_list], params,
+                                    use_tqdm=False)
+    tp = LLM(path, tensor_parallel_size=2, **kw)
+    faults.configure("sample:666")
+    try:
+        got = tp.generate([{"prompt_token_ids": p} for p in prompt_list], params,
+                          use_tqdm=False)
+        assert got[2].outputs[0].finish_reason == "error"
+        for i in (0, 1, 3):
+            assert got[i].outputs[0].token_ids == want[i].outputs[0].token_ids
+        faults.configure(None)
+        again = tp.generate([{"prompt_token_ids": prompt_list[2]}], params[2], use_tqdm=False)
+        assert again[0].outputs[0].token_ids == want[2].outputs[0].token_ids  # still serving
+        pool = tp.engine.kv_cache.pool
+        assert pool.num_free_blocks == pool.num_blocks
+    finally:
+        faults.configure(None)
+        tp.shutdown()
+    assert not children()
+
+
 def test_collectives_per_forward(tiny_models):
     path, _ = tiny_models("llama")
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", num_kv_blocks=32,

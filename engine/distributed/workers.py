@@ -117,7 +117,7 @@ class Workers:
         while self.died is None and time.monotonic() < deadline:
             self.state.died = self._find_dead()
             time.sleep(0.05)
-        return WorkerDiedError(self.died or f"a tensor-parallel collective failed: {error}")
+        return WorkerDiedError(self.died or f"a tensor-parallel forward pass failed: {error!r}")
 
     def shutdown(self) -> None:
         if self.state.closed:

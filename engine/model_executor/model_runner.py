@@ -399,8 +399,10 @@ class ModelRunner:
         self.workers.send(step)
         try:
             logits = self.forward_step(step)
-        except RuntimeError as e:  # a collective failed: most likely a worker died
+        except Exception as e:  # noqa: BLE001 - the ranks may be stuck between collectives
             raise self.workers.failure(e) from e
+        # From here on only rank 0 works (the others wait for the next step), so a failure
+        # below is an ordinary one: the engine may re-run halves of this step to find it.
         prompt_lps, at = {}, 0
         for req, first, last, rows in spans:
             part = logits[at:at + len(rows)]
