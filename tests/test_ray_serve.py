@@ -96,6 +96,28 @@ def test_bad_input_gets_a_4xx_and_costs_nothing(serve_url):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_client_that_goes_away_aborts_its_request(serve_url):
+    """Closing an SSE stream mid-way cancels it through Serve's handle down to the replica's
+    app, which aborts the request: its replica is idle long before the stream could end."""
+    with httpx.stream("POST", serve_url + "/v1/completions", timeout=60, json={
+            "model": "smol", "prompt": "Count to a thousand:", "max_tokens": 900,
+            "ignore_eos": True, "stream": True}) as r:
+        replica = r.headers["x-kvserve-replica"]
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 3:
+                break
+    deadline = time.monotonic() + 8  # the whole stream would take 15 s or more
+    while True:
+        m = httpx.get(serve_url + "/metrics", timeout=10)
+        if m.headers["x-kvserve-replica"] == replica:
+            running = [line for line in m.text.splitlines()
+                       if line.startswith("kvserve_num_requests_running ")]
+            if float(running[0].split()[1]) == 0:
+                break
+        assert time.monotonic() < deadline, "the abandoned request is still running"
+        time.sleep(0.2)
+
+
 def test_build_app_settings_are_checked_before_anything_starts():
     """`serve run server.ray_serve:build_app key=value ...` hands strings: typed by
     `kvserve serve`'s own parser; an unknown key or a bad value is refused by name."""

@@ -61,6 +61,42 @@ def stats(base: str) -> dict:
     return httpx.get(base + "/health", timeout=10).json()
 
 
+def test_bad_input_through_the_router_costs_nothing(pool):
+    """Hostile requests get the replica's (or the router's) 4xx in OpenAI's format, a client
+    that hangs up mid-stream has its request aborted on the replica, and the pool stays
+    whole and serving."""
+    _, base = pool
+    post = base + "/v1/completions"
+    cases = [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (dict(content=b"[1, 2]", headers={"content-type": "application/json"}), 400),
+        (dict(json={"prompt": "hi", "max_tokens": -1}), 400),
+        (dict(json={"prompt": "hi", "max_tokens": 2, "temperature": "hot"}), 400),
+        (dict(json={"prompt": "hi", "model": "no-such-model"}), 404),
+        (dict(content=b"x" * (9 << 20)), 413),  # over the router's 8 MiB body limit
+    ]
+    for kwargs, status in cases:
+        r = httpx.post(post, timeout=30, **kwargs)
+        assert r.status_code == status, (kwargs.get("json"), r.status_code, r.text[:200])
+        assert r.json()["error"]["message"], r.text[:200]
+    assert httpx.get(post, timeout=10).status_code == 405
+    assert httpx.get(base + "/v1/no/such/route", timeout=10).status_code == 404
+    # a client that goes away mid-stream: its request is aborted on the replica
+    with httpx.stream("POST", post, timeout=60, json={
+            "prompt": "Count to a thousand:", "max_tokens": 1000, "ignore_eos": True,
+            "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 3:
+                break
+    deadline = time.monotonic() + 8  # the whole stream would take 15 s or more
+    while any(x["queue"] for x in stats(base)["replicas"]):
+        assert time.monotonic() < deadline, stats(base)
+        time.sleep(0.3)
+    assert stats(base)["status"] == "ok"
+    r = httpx.post(post, timeout=60, json={"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_routing_through_two_replicas(pool):
     proc, base = pool
     replicas = children_of(proc.pid, b"serve")
