@@ -201,7 +201,8 @@ def serve(argv: list[str]) -> int:
         logging.basicConfig(level=srv.get("log_level", "info").upper())
         rest = _without(argv, ("--data-parallel-size", "-dp", "--port", "--host", "--grpc-port"))
         return serve_replicas(rest, srv["data_parallel_size"], srv.get("host", "127.0.0.1"),
-                              srv.get("port", 8000), srv.get("log_level", "info"))
+                              srv.get("port", 8000), srv.get("log_level", "info"),
+                              srv.get("grpc_port", 8001) or 0)
     loras = lora_modules(srv.get("lora_modules"))
     if loras:
         engine_kwargs["enable_lora"] = True

@@ -6,7 +6,9 @@ replica behind."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
+import queue
 import signal
 import time
 
@@ -49,10 +51,14 @@ def test_policy_sticks_to_the_prefix_spreads_the_rest_and_yields_to_load():
 
 @pytest.fixture(scope="module")
 def pool(smol_llm, tmp_path_factory):  # smol_llm: the GGUF conversion is cached first
+    from server.cli import free_port
+
+    grpc_port = free_port()
     proc, base, _, log = start_server(tmp_path_factory.mktemp("router"), "dp2",
                                       "--data-parallel-size", "2",
-                                      "--kv-cache-memory-bytes", str(128 << 20))
-    yield proc, base
+                                      "--kv-cache-memory-bytes", str(128 << 20),
+                                      grpc_port=grpc_port)
+    yield proc, base, f"127.0.0.1:{grpc_port}"
     stop_server(proc)
     log.close()
 
@@ -65,7 +71,7 @@ def test_bad_input_through_the_router_costs_nothing(pool):
     """Hostile requests get the replica's (or the router's) 4xx in OpenAI's format, a client
     that hangs up mid-stream has its request aborted on the replica, and the pool stays
     whole and serving."""
-    _, base = pool
+    _, base, _ = pool
     post = base + "/v1/completions"
     cases = [
         (dict(content=b"{not json", headers={"content-type": "application/json"}), 400),
@@ -97,8 +103,64 @@ def test_bad_input_through_the_router_costs_nothing(pool):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_kserve_grpc_through_the_router(pool):
+    """tritonclient's gRPC client against the router's port: unary and decoupled streaming
+    answers equal the HTTP ones, requests with one prompt stay on one replica, the replica's
+    status codes come back unchanged, the API's metadata passes through."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    _, base, target = pool
+    model = "SmolLM2-135M-Instruct"
+    prompt = SYSTEM + "Where are the screws?"
+    want = httpx.post(base + "/v1/completions", timeout=60, json={
+        "prompt": prompt, "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True}).json()["choices"][0]["text"]
+    assert want
+
+    def inputs(text: str, stream: bool = False, **params):
+        t = grpcclient.InferInput("text_input", [1], "BYTES")
+        t.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+        p = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+        p.set_data_from_numpy(np.array([json.dumps({"temperature": 0, "max_tokens": 8,
+                                                    "ignore_eos": True, **params}).encode()],
+                                       dtype=np.object_))
+        s = grpcclient.InferInput("stream", [1], "BOOL")
+        s.set_data_from_numpy(np.array([stream]))
+        return [t, p, s]
+
+    g = grpcclient.InferenceServerClient(url=target)
+    assert g.is_server_live() and g.is_model_ready(model)
+    assert g.get_model_metadata(model).name == model
+    before = {r["url"]: r["served"] for r in stats(base)["replicas"]}
+    for _ in range(4):
+        out = g.infer(model, inputs(prompt), headers={"x-user-id": "u1"})
+        assert out.as_numpy("text_output")[0].decode() == prompt + want
+    served = sorted(r["served"] - before[r["url"]] for r in stats(base)["replicas"])
+    assert served == [0, 4], served  # the same prefix: the same replica
+    got: queue.Queue = queue.Queue()
+    g.start_stream(callback=lambda result, error: got.put((result, error)))
+    g.async_stream_infer(model, inputs(prompt, stream=True), request_id="s1")
+    g.stop_stream()  # returns once the stream is answered
+    parts = []
+    while not got.empty():
+        result, error = got.get()
+        assert error is None, error
+        if result.get_response().outputs:
+            parts.append(result.as_numpy("text_output")[0].decode())
+    assert len(parts) > 1 and "".join(parts) == want  # token by token, through the proxy
+    with pytest.raises(InferenceServerException) as e:
+        g.infer("no-such-model", inputs("hi"))
+    assert e.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as e:
+        g.infer(model, inputs("hi", top_k="x"))
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "top_k" in e.value.message()
+    g.close()
+
+
 def test_routing_through_two_replicas(pool):
-    proc, base = pool
+    proc, base, _ = pool
     replicas = children_of(proc.pid, b"serve")
     assert len(replicas) == 2
     client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)

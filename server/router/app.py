@@ -129,8 +129,13 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-def build_router(backends: list[str], **kwargs) -> Starlette:
+def build_router(backends: list[str], grpc_backends: list[str] | None = None,
+                 grpc_host: str = "127.0.0.1", grpc_port: int = 0, **kwargs) -> Starlette:
+    """The router app; with ``grpc_port`` it also proxies KServe v2 gRPC on that port to
+    ``grpc_backends`` (each replica's gRPC host:port, in the order of ``backends``)."""
     router = Router(backends, **kwargs)
+    if grpc_port and len(grpc_backends or ()) != len(backends):
+        raise ValueError("gRPC through the router needs one gRPC address per backend")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -138,10 +143,20 @@ def build_router(backends: list[str], **kwargs) -> Starlette:
                                           limits=httpx.Limits(max_connections=None))
         await asyncio.gather(*(router.check(r) for r in router.replicas))
         task = asyncio.get_running_loop().create_task(router.health_loop())
+        grpc_server = proxy = None
         try:
+            if grpc_port:
+                from .grpc_proxy import start_grpc_proxy
+
+                targets = {r.url: g for r, g in zip(router.replicas, grpc_backends)}
+                grpc_server, proxy = await start_grpc_proxy(router, targets, grpc_host,
+                                                            grpc_port)
             yield
         finally:
             task.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
+                await proxy.close()
             await router.client.aclose()
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
