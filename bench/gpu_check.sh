@@ -6,6 +6,7 @@
 #   2. tests/test_kernels.py natively on CUDA (TRITON_INTERPRET unset);
 #   3. tests/test_triton_engine.py on CUDA: Triton vs torch backend greedy tokens on tiny
 #      models in fp32 and bf16, CUDA graphs vs eager, the real default model vs transformers;
+#      with two GPUs or more, tests/test_tp.py's tp=2 vs tp=1 cases over NCCL;
 #   4. bench/kernels.py (decode bandwidth vs the device's peak, prefill, KV store);
 # then one summary table. Results and logs go to $OUT (default bench/results).
 #
@@ -75,6 +76,12 @@ run_pytest() {  # name timeout args...
 if cuda_torch "$PY"; then
     run_pytest kernel_tests 180 tests/test_kernels.py
     run_pytest engine_parity 240 tests/test_triton_engine.py
+    # tensor parallelism over NCCL (tp=2 vs tp=1 tokens, activations on the device group):
+    # only where two GPUs are visible
+    gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    if [ "${gpus:-0}" -ge 2 ]; then
+        run_pytest tp_nccl 240 tests/test_tp.py -k "tp2_equals_tp1 or collectives_per_forward"
+    fi
 
     # ---- 4. benchmark ---------------------------------------------------------------------
     t=$(date +%s)

@@ -254,6 +254,28 @@ def test_collectives_per_forward(tiny_models):
         llm.shutdown()
 
 
+def test_activations_on_their_own_group(tiny_models, monkeypatch):
+    """The CUDA layout (NCCL for activations beside gloo for step inputs), wired on CPU with
+    a second gloo group: every activation collective goes to the device group, the step
+    inputs stay on the CPU one, and the tokens equal tp=1."""
+    monkeypatch.setenv("KVSERVE_TP_DEVICE_GROUP", "gloo")  # read by every rank at start
+    path, _ = tiny_models("llama")
+    kw = dict(skip_tokenizer_init=True, dtype="float32", num_kv_blocks=32)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = [{"prompt_token_ids": [5, 6, 7, 8, 9]}]
+    want = LLM(path, **kw).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        tp = llm.engine.runner.tp
+        assert tp.device_pg is not None and tp.device_pg is not tp.pg
+        got = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == want
+        assert tp.num_device_collectives == tp.num_collectives > 0
+    finally:
+        llm.shutdown()
+    assert not children()
+
+
 def test_lifecycle_nothing_left_and_two_engines_side_by_side(tiny_models):
     path, _ = tiny_models("llama")
     kw = dict(skip_tokenizer_init=True, dtype="float32", num_kv_blocks=16,

@@ -113,9 +113,13 @@ class EngineConfig:
             raise ValueError(f"distributed_executor_backend must be 'mp' or 'ray', got "
                              f"{self.distributed_executor_backend!r}.")
         if self.tensor_parallel_size > 1:
-            if self.torch_device.type != "cpu":
-                raise ValueError("tensor_parallel_size > 1 runs on CPU (gloo) for now; the "
-                                 "CUDA path (NCCL, a device per rank) is not built yet.")
+            if self.torch_device.type == "cuda":  # NCCL, one device per rank
+                import torch
+
+                if torch.cuda.device_count() < self.tensor_parallel_size:
+                    raise ValueError(
+                        f"tensor_parallel_size={self.tensor_parallel_size} on CUDA needs as "
+                        f"many GPUs; this process sees {torch.cuda.device_count()}.")
             for name, off in (("enable_lora", False), ("cpu_compile", False)):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name} is not supported with tensor_parallel_size > 1 "

@@ -69,20 +69,30 @@ class Shards:
 
 
 class TPGroup:
-    def __init__(self, rank: int, world: int, pg) -> None:
-        self.rank, self.world, self.pg = rank, world, pg
+    """The collectives of one TP engine. ``pg`` (gloo) carries the step inputs and small CPU
+    values; ``device_pg`` (NCCL on CUDA), when there is one, the activations."""
+
+    def __init__(self, rank: int, world: int, pg, device_pg=None) -> None:
+        self.rank, self.world, self.pg, self.device_pg = rank, world, pg, device_pg
         self.num_collectives = 0  # counted: tests check 2 per layer + embedding + logits
+        self.num_device_collectives = 0
+
+    def _activations_pg(self):
+        if self.device_pg is None:
+            return self.pg
+        self.num_device_collectives += 1
+        return self.device_pg
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         self.num_collectives += 1
-        self.pg.allreduce([t]).wait()
+        self._activations_pg().allreduce([t]).wait()
         return t
 
     def gather_rows(self, t: torch.Tensor, vocab: int) -> torch.Tensor:
         """[R, per] on every rank -> [R, vocab] (each rank's vocab slice side by side)."""
         self.num_collectives += 1
         parts = [torch.empty_like(t) for _ in range(self.world)]
-        self.pg.allgather([parts], [t.contiguous()]).wait()
+        self._activations_pg().allgather([parts], [t.contiguous()]).wait()
         return torch.cat(parts, dim=-1)[:, :vocab]
 
     def min_int(self, value: int) -> int:

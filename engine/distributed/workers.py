@@ -38,21 +38,34 @@ def _threads_per_rank(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
-def _group(store, rank: int, world: int, own_host: str):
-    """The gloo group, its sockets on ``own_host`` (this rank's address as the others reach
-    it), or on GLOO_SOCKET_IFNAME's interface when that is set. gloo's own default, the
-    address the hostname resolves to, is 127.0.1.1 on many Linux hosts: fine on one node,
-    unreachable from the next."""
+def _group(store, rank: int, world: int, own_host: str, device_type: str = "cpu"):
+    """The ranks' groups: gloo for the step inputs and small CPU values, its sockets on
+    ``own_host`` (this rank's address as the others reach it), or on GLOO_SOCKET_IFNAME's
+    interface when that is set (gloo's own default, the address the hostname resolves to,
+    is 127.0.1.1 on many Linux hosts: fine on one node, unreachable from the next). On CUDA
+    the activations' all-reduces and the logits gather go over a second group, NCCL,
+    between the ranks' devices; KVSERVE_TP_DEVICE_GROUP=gloo builds that second group on
+    CPU too (tests: the two-group wiring without a GPU)."""
     import torch.distributed as dist
 
     from .tp import TPGroup
 
     gloo = dist.ProcessGroupGloo
-    options = gloo._Options()
-    options._timeout = _GROUP_TIMEOUT
-    options._devices = [gloo.create_default_device() if os.environ.get("GLOO_SOCKET_IFNAME")
-                        else gloo.create_device(hostname=own_host)]
-    return TPGroup(rank, world, gloo(store, rank, world, options))
+
+    def gloo_group(prefix_store):
+        options = gloo._Options()
+        options._timeout = _GROUP_TIMEOUT
+        options._devices = [gloo.create_default_device()
+                            if os.environ.get("GLOO_SOCKET_IFNAME")
+                            else gloo.create_device(hostname=own_host)]
+        return gloo(prefix_store, rank, world, options)
+
+    device_pg = None
+    if device_type == "cuda":
+        device_pg = dist.ProcessGroupNCCL(dist.PrefixStore("device", store), rank, world)
+    elif os.environ.get("KVSERVE_TP_DEVICE_GROUP") == "gloo":
+        device_pg = gloo_group(dist.PrefixStore("device", store))
+    return TPGroup(rank, world, gloo_group(dist.PrefixStore("cpu", store)), device_pg)
 
 
 class _State:
@@ -83,7 +96,7 @@ class Workers:
         self.state = _State()
         self._launch(config, model_dir, world)
         torch.set_num_threads(_threads_per_rank(world))  # the cores, shared out between ranks
-        self.tp = _group(self.store, 0, world, self.host)
+        self.tp = _group(self.store, 0, world, self.host, config.torch_device.type)
 
     # what a backend provides
     def _launch(self, config, model_dir: str, world: int) -> None:
@@ -132,7 +145,7 @@ class Workers:
         self._finalizer()  # stops whoever did not exit
         # the model's layers keep the TPGroup; dropping its process group (and our store)
         # closes the group's sockets and the store's port now
-        self.tp.pg = None
+        self.tp.pg = self.tp.device_pg = None
         self.store = None
 
 
@@ -205,9 +218,11 @@ class RayWorkers(Workers):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         strategy = placement_strategy(ray.nodes(), self.host, world - 1)
-        self.group = placement_group([{"CPU": 1}] * (world - 1), strategy=strategy)
+        gpus = 1 if config.torch_device.type == "cuda" else 0
+        bundle = {"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}
+        self.group = placement_group([bundle] * (world - 1), strategy=strategy)
         ray.get(self.group.ready(), timeout=60)
-        actor = ray.remote(num_cpus=1)(_RayRank)
+        actor = ray.remote(num_cpus=1, num_gpus=gpus)(_RayRank)
         self.actors = [actor.options(
             name=None, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.group, placement_group_bundle_index=i)).remote() for i in range(world - 1)]
@@ -244,7 +259,8 @@ class _RayRank:
         import ray
 
         worker_main(rank, world, host, port, config, model_dir, tie_to_parent=False,
-                    own_host=ray.util.get_node_ip_address())
+                    own_host=ray.util.get_node_ip_address(),
+                    device_index=0)  # Ray shows each actor only the GPU it was given
 
 
 def _ray_watchdog(runs, state: _State) -> None:
@@ -284,10 +300,11 @@ def die_with_parent(sig: int = 9) -> None:
 
 
 def worker_main(rank: int, world: int, host: str, port: int, config, model_dir: str,
-                tie_to_parent: bool = True, own_host: str | None = None) -> None:
+                tie_to_parent: bool = True, own_host: str | None = None,
+                device_index: int | None = None) -> None:
     """A worker: join the group (rank 0's store at host:port; this rank's sockets on
-    ``own_host``, default ``host``: the same node), build this rank's shard, run steps
-    until None."""
+    ``own_host``, default ``host``: the same node), build this rank's shard (on CUDA, on
+    device ``device_index``, default its rank), run steps until None."""
     import torch
     import torch.distributed as dist
 
@@ -296,9 +313,12 @@ def worker_main(rank: int, world: int, host: str, port: int, config, model_dir: 
 
     if tie_to_parent:
         die_with_parent()
+    device_type = config.torch_device.type
+    if device_type == "cuda":  # "cuda" below means this rank's device
+        torch.cuda.set_device(rank if device_index is None else device_index)
     torch.set_num_threads(_threads_per_rank(world))
     store = dist.TCPStore(host, port, world, is_master=False, timeout=_JOIN_TIMEOUT)
-    tp = _group(store, rank, world, own_host or host)
+    tp = _group(store, rank, world, own_host or host, device_type)
     torch.manual_seed(config.seed)
     runner = ModelRunner(config, ModelConfig.from_pretrained(model_dir), model_dir, tp=tp)
     runner.allocate_kv_cache()

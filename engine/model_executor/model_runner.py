@@ -229,7 +229,7 @@ class ModelRunner:
         cfg = self.model_config
         num_tokens = self.config.max_num_batched_tokens
         num_seqs = min(self.config.max_num_seqs, num_tokens)
-        dummy = torch.zeros((2, 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim),
+        dummy = torch.zeros((2, 1, self.block_size, self.num_kv_heads, cfg.head_dim),
                             dtype=self.dtype, device=dev)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
