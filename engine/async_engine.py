@@ -71,12 +71,16 @@ class AsyncLLMEngine:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stop the loop; requests still open end with EngineDeadError (never a hung
+        stream: a registry stops an unloaded version whose requests outlived its drain)."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
+        for stream in list(self._streams.values()):
+            stream.put(EngineDeadError("the engine was stopped"))
         self._executor.shutdown(wait=True)
 
     @property

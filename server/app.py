@@ -75,6 +75,8 @@ class ServerSettings:
     # The registry's admin API (/v2/repository/...: load, unload, traffic) takes this key
     # and no other; None: the admin API is off (the index stays readable with the API key).
     admin_key: str | None = None
+    # An unloaded version's requests in flight get this long to finish, then are stopped.
+    drain_timeout: float | None = 300.0
 
 
 def build_app(async_engine: AsyncLLMEngine | None, settings: ServerSettings,
@@ -83,7 +85,8 @@ def build_app(async_engine: AsyncLLMEngine | None, settings: ServerSettings,
     registry config (``registry_spec``, each full version built by ``make_engine(kwargs)``
     on a thread while the server starts)."""
     registry = Registry(make_engine, lambda e: _gateway(e, settings),
-                        request_timeout=settings.request_timeout)
+                        request_timeout=settings.request_timeout,
+                        drain_timeout=settings.drain_timeout)
     metrics = registry.metrics = Metrics(registry.rows)
     if async_engine is not None:
         registry.adopt(settings.served_model_name, "1", async_engine)

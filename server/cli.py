@@ -121,6 +121,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-key", default=os.environ.get("KVSERVE_ADMIN_KEY"),
                    help="enables the registry's admin API (/v2/repository/models/...: load, "
                         "unload, traffic), which takes this key and not --api-key")
+    p.add_argument("--drain-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="after a version is unloaded, how long its requests in flight may "
+                        "run before they are stopped (0: no limit)")
     p.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death",
                    action="store_false", default=True,
                    help="keep serving 503s if the engine loop dies (default: exit 1 so a "
@@ -255,7 +258,7 @@ def server_settings(srv: dict, name: str, loras: dict[str, str]):
         tool_call_parser=srv.get("tool_call_parser", "auto"),
         chat_template=_read_template(srv.get("chat_template")), lora_modules=loras,
         allow_runtime_lora_updates=bool(srv.get("allow_runtime_lora_updates")),
-        admin_key=srv.get("admin_key"))
+        admin_key=srv.get("admin_key"), drain_timeout=srv.get("drain_timeout", 300.0) or None)
 
 
 def _registry_spec(srv: dict, engine_kwargs: dict):

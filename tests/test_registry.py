@@ -426,3 +426,42 @@ def test_scale_to_zero_and_back(models, expected):
         assert registry.models["cold"].versions["1"].state == "READY"
         metrics = client.get("/metrics").text
         assert 'kvserve_cold_start_seconds_count{model_name="cold"} 1.0' in metrics
+
+
+def test_unload_stops_what_outlives_the_drain_timeout(models):
+    """A request that would run on long after its version was unloaded (a slow client, a
+    huge max_tokens) is stopped at the drain timeout: its stream ends with an error event,
+    not a hang, and the version's memory is freed."""
+    doc = {"models": {"d": {"engine": TINY_ENGINE, "versions": {
+        "1": {"path": models["llama"][0]}, "2": {"path": models["llama"][0]}},
+        "traffic": {"2": 100}}}}
+    app = make_app(doc, api_key=USER, admin_key=ADMIN, drain_timeout=0.5)
+    registry = app.state.registry
+    with TestClient(app) as client:
+        engine = registry.models["d"].versions["1"].gateway.engine.engine
+        step = engine.step
+
+        def slow():  # ~20 tokens a second: 200 tokens would take 10 s
+            time.sleep(0.05)
+            return step()
+        engine.step = slow
+        result = {}
+        pinned = threading.Thread(target=lambda: result.setdefault(
+            "r", completion(client, "d:1", stream=True, max_tokens=200)))
+        pinned.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        r = admin(client, "POST", "/v2/repository/models/d/unload",
+                  {"parameters": {"version": "1"}})
+        assert r.status_code == 200, r.text
+        pinned.join(timeout=30)
+        assert not pinned.is_alive()
+        status, _, ids, error = result["r"]
+        assert status == 500 and error and 0 < len(ids) < 200, result["r"]
+        deadline = time.monotonic() + 10
+        while index(client)[("d", "1")]["state"] != "UNLOADED":
+            assert time.monotonic() < deadline, index(client)
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 5  # the timeout, not the 10 s the request wanted
+        assert index(client)[("d", "1")]["memory_bytes"] == 0
+        assert completion(client, "d")[0] == 200  # version 2 serves on

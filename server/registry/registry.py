@@ -94,12 +94,16 @@ class Registry:
     def __init__(self, make_engine: Callable[[dict], object],
                  make_gateway: Callable[[object], Gateway], metrics=None,
                  memory_budget_bytes: int | None = None,
-                 request_timeout: float | None = None) -> None:
+                 request_timeout: float | None = None,
+                 drain_timeout: float | None = None) -> None:
         self.make_engine = make_engine  # engine kwargs -> a started-able AsyncLLMEngine
         self.make_gateway = make_gateway
         self.metrics = metrics
         self.memory_budget_bytes = memory_budget_bytes
         self.request_timeout = request_timeout
+        # how long an unloaded version's requests may run on before they are stopped (a
+        # client reading a stream slowly must not pin a version in memory); None: no limit
+        self.drain_timeout = drain_timeout
         self.models: dict[str, Model] = {}
         self.default_model: str | None = None  # what a request without `model` gets
         self._lora_ids = itertools.count(1)
@@ -482,8 +486,15 @@ class Registry:
     async def _drain(self, v: Version) -> None:
         v.state = DRAINING
         if not v.spec.is_lora and v.gateway is not None:
+            deadline = None if self.drain_timeout is None else \
+                time.monotonic() + self.drain_timeout
             # a dead engine never goes idle: nothing runs on it any more either
             while not v.gateway.idle and v.gateway.engine.is_running:
+                if deadline is not None and time.monotonic() >= deadline:
+                    logger.warning("%s version %s: requests still running after the %.1f s "
+                                   "drain timeout; stopping them", v.model, v.version,
+                                   self.drain_timeout)
+                    break  # stopping the engine ends them (their streams with an error)
                 await asyncio.sleep(0.02)
             await self._free(v)
         v.state, v.lora, v.gateway = UNLOADED, None, None
