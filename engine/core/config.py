@@ -5,6 +5,8 @@ answer in torch terms (device, dtype) and the bf16 speed probe import it when ca
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import importlib.util
 import json
@@ -225,11 +227,27 @@ def cpu_bf16_is_faster(margin: float = 1.5) -> bool:
     key = f"{model}|torch {torch.__version__}|margin {margin}"
     path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                         "kvserve", "cpu_bf16.json")
-    verdicts = _read_json(path)
-    if key not in verdicts:
-        verdicts[key] = _measure_bf16_speedup(torch) >= margin
-        _write_json(path, verdicts)
+    with _file_lock(path + ".lock"):  # replicas starting together: one measures
+        verdicts = _read_json(path)
+        if key not in verdicts:
+            verdicts[key] = _measure_bf16_speedup(torch) >= margin
+            _write_json(path, verdicts)
     return bool(verdicts[key])
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive flock on ``path`` while the block runs; no lock if it cannot be had
+    (read-only home): then two processes may both measure, as before."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _measure_bf16_speedup(torch) -> float:
