@@ -8,8 +8,9 @@ writes its columns of A and rows of B (zero-padded to ``max_lora_rank`` per sub-
 
 Each step the runner groups the batch by adapter and sets the tokens' slots once
 (``set_step``); every wrapper reads the same runs or mask. On CPU the slots are also kept
-prepacked for oneDNN (kernels/lora.py: PackedSlots), repacked when a slot is written. A step without adapter tokens adds nothing: base-only steps are bitwise what
-they are without LoRA, and keep their CUDA graphs / compiled decode.
+prepacked for oneDNN (kernels/lora.py: PackedSlots), repacked when a slot is written. A
+step without adapter tokens adds nothing: base-only steps are bitwise what they are without
+LoRA, and keep their CUDA graphs / compiled decode.
 """
 from __future__ import annotations
 
