@@ -126,9 +126,11 @@ async def asgi_call(app, method: str, path: str, query: str, headers: list[tuple
                          for k, v in headers]}
     task = asyncio.ensure_future(app(scope, receive, send))
     task.add_done_callback(lambda _: messages.put_nowait(None))
+    started = False
     try:
         while (message := await messages.get()) is not None:
             if message["type"] == "http.response.start":
+                started = True
                 yield {"status": message["status"],
                        "headers": [(k.decode("latin-1"), v.decode("latin-1"))
                                    for k, v in message.get("headers", [])]}
@@ -137,13 +139,20 @@ async def asgi_call(app, method: str, path: str, query: str, headers: list[tuple
                     yield message["body"]
                 if not message.get("more_body", False):
                     break
-        if task.done() and task.exception() is not None:
-            raise task.exception()
+        if not started:  # the app failed before answering: the answer it would have sent
+            yield {"status": 500, "headers": [("content-type", "application/json")]}
+            yield (b'{"error": {"message": "internal server error", '
+                   b'"type": "internal_server_error", "code": 500}}')
     finally:
         gone.set()
-        if not task.done():
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(task, 5.0)
+        # Starlette re-raises a handler's error after its 500 went out: logged, not raised
+        # into a response that is already complete
+        try:
+            await asyncio.wait_for(task, 5.0)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001
+            logger.exception("request %s %s failed in the app", method, path)
 
 
 # ---- the HTTP entry -------------------------------------------------------------------------
