@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import tomllib
@@ -25,6 +26,17 @@ SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "max_waiting_requ
 
 
 PRESETS_DIR = os.path.join(os.path.dirname(__file__), "presets")  # configs/ links here
+
+
+def seconds(value: str) -> float:
+    """A duration flag: a finite number >= 0 (argparse type)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise argparse.ArgumentTypeError(f"seconds must be finite and >= 0, got {value!r}")
+    return x
 
 
 def presets() -> list[str]:
@@ -101,11 +113,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="queue bound in sequences (prompts x n); beyond it requests get "
                         "503 + Retry-After")
-    p.add_argument("--request-timeout", type=float, help="seconds before a request is aborted")
+    p.add_argument("--request-timeout", type=seconds, help="seconds before a request is aborted")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20)
-    p.add_argument("--header-read-timeout", type=float, default=10.0,
+    p.add_argument("--header-read-timeout", type=seconds, default=10.0,
                    help="seconds for a request's headers to arrive (then 408 and close)")
-    p.add_argument("--body-read-timeout", type=float, default=30.0,
+    p.add_argument("--body-read-timeout", type=seconds, default=30.0,
                    help="seconds for a request's body to arrive (then 408)")
     p.add_argument("--trust-request-chat-template", action="store_true", default=False,
                    help="let requests bring their own chat_template (code the server runs)")
@@ -121,14 +133,14 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-key", default=os.environ.get("KVSERVE_ADMIN_KEY"),
                    help="enables the registry's admin API (/v2/repository/models/...: load, "
                         "unload, traffic), which takes this key and not --api-key")
-    p.add_argument("--drain-timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--drain-timeout", type=seconds, default=300.0, metavar="SECONDS",
                    help="after a version is unloaded, how long its requests in flight may "
                         "run before they are stopped (0: no limit)")
     p.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death",
                    action="store_false", default=True,
                    help="keep serving 503s if the engine loop dies (default: exit 1 so a "
                         "supervisor restarts the server)")
-    p.add_argument("--engine-death-grace", type=float, default=2.0,
+    p.add_argument("--engine-death-grace", type=seconds, default=2.0,
                    help="seconds between the engine loop dying and the process exiting")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="run this many replicas (each its own process and engine) behind a "

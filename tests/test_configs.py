@@ -62,3 +62,15 @@ def test_cpu_engines_keep_freed_memory(smol_llm):
         assert block and libc.mallinfo2().hblkhd == mapped
     finally:
         libc.free(block)
+
+
+@pytest.mark.parametrize("flag", ["--request-timeout", "--header-read-timeout",
+                                  "--body-read-timeout", "--engine-death-grace",
+                                  "--drain-timeout"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_duration_flags_refuse_what_is_not_a_duration(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        load_settings([flag, value])
+    assert flag in capsys.readouterr().err
+    _, srv = load_settings([flag, "2.5"])
+    assert srv[flag[2:].replace("-", "_")] == 2.5

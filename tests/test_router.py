@@ -157,6 +157,23 @@ def test_kserve_grpc_through_the_router(pool):
         g.infer(model, inputs("hi", top_k="x"))
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "top_k" in e.value.message()
     g.close()
+    # bytes that are no protobuf, an unknown method: the replica's (or gRPC's) error comes
+    # back, and the proxy serves on
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff" * 64,
+                                                                              timeout=30)
+        # grpc.aio's own answer to an undecodable request (before any handler runs)
+        assert e.value.code() == grpc.StatusCode.UNKNOWN and "parsing" in e.value.details()
+        for method in ("/inference.GRPCInferenceService/NoSuchCall", "/other.Service/Infer"):
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary(method)(b"", timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, e.value
+    g = grpcclient.InferenceServerClient(url=target)
+    assert g.infer(model, inputs(prompt)).as_numpy("text_output")[0].decode() == prompt + want
+    g.close()
 
 
 def test_routing_through_two_replicas(pool):
