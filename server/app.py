@@ -334,7 +334,7 @@ class _API:
             for s in streams:
                 s.close()
             if outcome != "ok":
-                self.metrics.requests.labels(outcome, "openai").inc()
+                timer.fail(outcome)
 
     @_guarded
     async def tokenize(self, request: Request):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -55,13 +56,50 @@ class Metrics:
                                      buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
                                               80.0, 160.0), registry=r)
         r.register(_EngineCollector(versions))
+        # Triton's statistics extension, per (model, version): plain counters, read by
+        # GET /v2/models/{m}/stats and gRPC ModelStatistics
+        self.stats: dict[tuple[str, str], VersionStats] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def version_stats(self, model: str, version: str) -> "VersionStats":
+        return self.stats.setdefault((model, version), VersionStats())
+
     def timer(self, protocol: str = "openai", adapter: str | None = None,
               model: tuple[str, str] | None = None) -> "RequestTimer":
         return RequestTimer(self, protocol, adapter, model)
+
+
+@dataclass
+class VersionStats:
+    """What Triton's statistics extension reports for one model version (durations in ns;
+    a request is one inference and one execution: continuous batching has no fixed batch)."""
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    last_inference_ms: int = 0  # wall clock, ms since the epoch
+
+    def as_triton(self, name: str, version: str) -> dict:
+        """Triton's ModelStatistics as JSON (the HTTP body; gRPC parses the same dict)."""
+        def duration(count: int, ns: int) -> dict:
+            return {"count": count, "ns": ns}
+
+        return {"name": name, "version": version, "last_inference": self.last_inference_ms,
+                "inference_count": self.success_count, "execution_count": self.success_count,
+                "inference_stats": {
+                    "success": duration(self.success_count, self.success_ns),
+                    "fail": duration(self.fail_count, self.fail_ns),
+                    "queue": duration(self.queue_count, self.queue_ns),
+                    "compute_input": duration(0, 0),
+                    "compute_infer": duration(self.success_count,
+                                              max(0, self.success_ns - self.queue_ns)),
+                    "compute_output": duration(0, 0),
+                    "cache_hit": duration(0, 0), "cache_miss": duration(0, 0)},
+                "batch_stats": []}
 
 
 class RequestTimer:
@@ -74,14 +112,19 @@ class RequestTimer:
         # the labelled children, looked up once rather than per streamed token
         self.model_ttft = metrics.model_ttft.labels(*model) if model else None
         self.model_tpot = metrics.model_tpot.labels(*model) if model else None
+        self.stats = metrics.version_stats(*model) if model else None
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.queue_seen = False
 
     def on_output(self, out, new_tokens: int) -> None:
         if not self.queue_seen and out.first_scheduled_time is not None and out.arrival_time:
-            self.metrics.queue_time.observe(max(out.first_scheduled_time - out.arrival_time, 0.0))
+            queued = max(out.first_scheduled_time - out.arrival_time, 0.0)
+            self.metrics.queue_time.observe(queued)
             self.queue_seen = True
+            if self.stats is not None:
+                self.stats.queue_count += 1
+                self.stats.queue_ns += int(queued * 1e9)
         if new_tokens <= 0:
             return
         t = time.monotonic()
@@ -96,7 +139,12 @@ class RequestTimer:
         self.last_token = t
 
     def finish(self, outcome: str, prompt_tokens: int = 0, generated: int = 0) -> None:
-        self.metrics.e2e.observe(time.monotonic() - self.start)
+        elapsed = time.monotonic() - self.start
+        self.metrics.e2e.observe(elapsed)
+        if self.stats is not None:
+            self.stats.success_count += 1
+            self.stats.success_ns += int(elapsed * 1e9)
+            self.stats.last_inference_ms = int(time.time() * 1000)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(generated)
         self.metrics.requests.labels(outcome, self.protocol).inc()
@@ -107,6 +155,16 @@ class RequestTimer:
             self.metrics.model_requests.labels(*self.model, outcome).inc()
             self.metrics.model_prompt_tokens.labels(*self.model).inc(prompt_tokens)
             self.metrics.model_generation_tokens.labels(*self.model).inc(generated)
+
+
+    def fail(self, outcome: str) -> None:
+        """A request that ended otherwise than "ok" (timeout, error, aborted)."""
+        self.metrics.requests.labels(outcome, self.protocol).inc()
+        if self.model is not None:
+            self.metrics.model_requests.labels(*self.model, outcome).inc()
+        if self.stats is not None:
+            self.stats.fail_count += 1
+            self.stats.fail_ns += int((time.monotonic() - self.start) * 1e9)
 
 
 class _EngineCollector:

@@ -429,6 +429,9 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
                                secured=False),
         "/v2/health/ready": _v2("200 while the engine loop runs.", {"description": "Ready."},
                                 "503", secured=False),
+        "/v2/models/stats": _v2("Triton statistics of every loaded model version.", _json(
+            {"type": "object", "properties": {"model_stats": {"type": "array", "items": {
+                "type": "object"}}}}, "Statistics."), "401"),
         "/v2/repository/index": _v2("The served models.", _json(
             {"type": "array", "items": {"type": "object"}}, "Models."), "401", method="post"),
         **{base + tail: {"parameters": [model_param] + ([version_param] if "{version}" in base
@@ -441,6 +444,10 @@ def openapi_document(served_model_name: str, version: str | None = None) -> dict
                               "401", "404", "503")),
                ("/config", _v2("Triton model configuration.", _json({"type": "object"},
                                                                      "Config."), "401", "404")),
+               ("/stats", _v2("Triton statistics (requests, durations in ns) of the model's "
+                              "versions, or of one.", _json({"type": "object", "properties": {
+                                  "model_stats": {"type": "array", "items": {
+                                      "type": "object"}}}}, "Statistics."), "401", "404")),
                ("/infer", _v2("KServe v2 inference (unary).", _json(
                    _ref("InferResponse"), "Outputs (JSON, or binary after the JSON header)."),
                    "400", "401", "404", "413", "503", "504", body="InferRequest",

@@ -260,6 +260,11 @@ def build_app(args: dict[str, Any]):
         _, srv = load_settings(argv)  # checked here, before any replica starts
     except SystemExit as e:  # argparse's way of refusing a value: said on stderr
         raise ValueError(f"bad kvserve settings for the Serve app: {argv}") from e
+    for key, why in (("models", "a registry config ([models] tables)"),
+                     ("data_parallel_size", "data_parallel_size (Serve's replicas are that)")):
+        if srv.get(key) not in (None, 1):
+            raise ValueError(f"the Serve app runs one model per replica: {why} is not "
+                             "supported here")
     if "num_replicas" in opts:
         scaling: dict = {"num_replicas": opts["num_replicas"]}
     else:

@@ -503,7 +503,8 @@ def live_schema(server):
         *(f"{method} {base}{tail}" for base in ("/v2/models/{model}",
                                                 "/v2/models/{model}/versions/{version}")
           for method, tail in (("GET", ""), ("GET", "/ready"), ("GET", "/config"),
-                               ("POST", "/infer"))),
+                               ("GET", "/stats"), ("POST", "/infer"))),
+        "GET /v2/models/stats",
         "POST /v2/models/{model}/generate", "POST /v2/models/{model}/generate_stream",
         "POST /v2/models/{model}/versions/{version}/generate",
         "POST /v2/models/{model}/versions/{version}/generate_stream",

@@ -298,6 +298,40 @@ def test_requests_are_counted_by_protocol(live):
     assert count("kserve-grpc", "aborted") >= 2
 
 
+def test_statistics_count_what_ran(live):
+    """Triton's statistics extension over HTTP and gRPC (what perf_analyzer and dashboards
+    read): each finished inference counts once, with its duration; both protocols report the
+    same numbers; an unknown model is a 404 / NOT_FOUND."""
+    h = httpclient.InferenceServerClient(url=live["http"])
+    g = grpcclient.InferenceServerClient(url=live["grpc"])
+
+    def success() -> dict:
+        (row,) = h.get_inference_statistics(MODEL)["model_stats"]
+        return row["inference_stats"]["success"]
+
+    before = success()
+    h.infer(MODEL, inputs(httpclient, [PROMPTS[0]]))
+    g.infer(MODEL, inputs(grpcclient, [PROMPTS[1]]))
+    httpx.post(live["base"] + "/v1/completions", timeout=60,
+               json={"prompt": PROMPTS[2], **GREEDY})
+    after = success()
+    assert int(after["count"]) == int(before["count"]) + 3
+    assert int(after["ns"]) > int(before["ns"])
+    over_grpc = g.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    row = h.get_inference_statistics(MODEL, "1")["model_stats"][0]
+    assert row["name"] == MODEL and row["version"] == "1" and int(row["last_inference"]) > 0
+    assert int(over_grpc["inference_stats"]["success"]["count"]) == int(after["count"])
+    assert int(row["inference_count"]) == int(after["count"])
+    everything = h.get_inference_statistics()["model_stats"]
+    assert [r["name"] for r in everything] == [MODEL]
+    with pytest.raises(InferenceServerException) as e:
+        h.get_inference_statistics("nope")
+    assert "404" in str(e.value.status()) or "unknown model" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        g.get_inference_statistics("nope")
+    assert e.value.status() == "StatusCode.NOT_FOUND"
+
+
 # ---- auth, in process: the same app, its gRPC server on the app's event loop ---------------
 def test_grpc_and_http_auth_in_process(smol_llm):
     from starlette.testclient import TestClient

@@ -133,3 +133,5 @@ def test_build_app_settings_are_checked_before_anything_starts():
         build_app({"bogus": "1"})
     with pytest.raises(ValueError, match="max-num-seqs"):
         build_app({"max_num_seqs": "many"})
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        build_app({"data_parallel_size": "2"})

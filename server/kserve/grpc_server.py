@@ -112,6 +112,13 @@ class GRPCInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
         return await self._call(context, run)
 
+    async def ModelStatistics(self, request, context):
+        async def run():
+            stats = self.service.statistics(request.name, request.version)
+            return json_format.ParseDict({"model_stats": stats},
+                                         pb.ModelStatisticsResponse())
+        return await self._call(context, run)
+
     async def RepositoryIndex(self, request, context):
         async def run():
             return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(

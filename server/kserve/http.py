@@ -39,10 +39,12 @@ class KServeHTTP:
             Route("/v2", self.server_metadata, methods=["GET"]),
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
+            Route("/v2/models/stats", self.stats, methods=["GET"]),
             *(r for base in (m, v) for r in (
                 Route(base, self.model_metadata, methods=["GET"]),
                 Route(base + "/ready", self.model_ready, methods=["GET"]),
                 Route(base + "/config", self.model_config, methods=["GET"]),
+                Route(base + "/stats", self.stats, methods=["GET"]),
                 Route(base + "/infer", self.infer, methods=["POST"]),
             )),
         ]
@@ -95,6 +97,12 @@ class KServeHTTP:
         async def run():
             v = self._model(request)
             return JSONResponse(contract.model_config(v.model, v.max_model_len))
+        return await self._guard(request, run)
+
+    async def stats(self, request: Request):
+        async def run():
+            return JSONResponse({"model_stats": self.service.statistics(
+                request.path_params.get("model", ""), request.path_params.get("version", ""))})
         return await self._guard(request, run)
 
     # ---- infer -----------------------------------------------------------------------

@@ -68,6 +68,20 @@ class InferService:
                                        f"{(pinned or '')[:40]} is not found")
         return v
 
+    def statistics(self, name: str = "", version: str = "") -> list[dict]:
+        """Triton's statistics extension: every version of every model (no name), of one
+        model, or one version; V2Error not_found for an unknown one."""
+        if name:
+            v = self.check_model(name, version)
+            model = self.registry.models[v.model]
+            keys = [v.version] if version else [k for k, o in model.versions.items()
+                                                 if o.state not in ("UNLOADED", "FAILED")]
+            names = [(model.name, k) for k in keys]
+        else:
+            names = [(m, k) for m, k, state, *_ in self.registry.rows()
+                     if state not in ("UNLOADED", "FAILED")]
+        return [self.metrics.version_stats(m, k).as_triton(m, k) for m, k in names]
+
     def deadline(self, job: InferJob) -> float | None:
         limits = [t for t in (self.request_timeout, job.timeout) if t]
         return min(limits) if limits else None
@@ -130,7 +144,7 @@ class InferService:
             for s in streams:
                 s.close()
             if outcome != "ok":
-                self.metrics.requests.labels(outcome, protocol).inc()
+                timer.fail(outcome)
 
 
 def _nothing_yet(n: int) -> RequestOutput:
