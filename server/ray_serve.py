@@ -36,13 +36,11 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from .router.app import DROP_REQUEST, DROP_RESPONSE  # the router's hop-by-hop lists
 from .router.policy import AffinityPolicy, Replica, request_hashes
 
 logger = logging.getLogger("kvserve.ray_serve")
 
-# hop-by-hop headers (RFC 9110 7.6.1), and the length the Serve proxy sets itself
-_DROP = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection",
-         "content-length", "host"}
 # build_app's own keys; every other key is a `kvserve serve` setting
 _SERVE_KEYS = {"num_replicas": int, "min_replicas": int, "max_replicas": int,
                "target_ongoing_requests": float, "max_ongoing_requests": int,
@@ -170,7 +168,7 @@ class Ingress:
             body = await read_body(request, self.max_body_bytes, self.body_read_timeout)
         except P.APIError as e:  # too large / too slow: the server's own answer
             return error_response(e)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in DROP_REQUEST]
         stream = self.replicas.handle.remote(request.method, request.url.path,
                                              request.url.query, headers, body)
         start = await stream.__anext__()
@@ -182,7 +180,7 @@ class Ingress:
             finally:
                 stream.cancel()  # the client went away: the replica's app sees a disconnect
 
-        out_headers = {k: v for k, v in start["headers"] if k.lower() not in _DROP}
+        out_headers = {k: v for k, v in start["headers"] if k.lower() not in DROP_RESPONSE}
         return StreamingResponse(chunks(), status_code=start["status"], headers=out_headers)
 
 

@@ -27,9 +27,9 @@ from .policy import AffinityPolicy, Replica, request_hashes
 logger = logging.getLogger("kvserve.router")
 
 # hop-by-hop headers (RFC 9110 7.6.1) and the ones httpx / uvicorn set themselves
-_DROP_REQUEST = {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+DROP_REQUEST = {"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                  "proxy-connection", "content-length"}
-_DROP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+DROP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                   "proxy-connection", "content-length", "date", "server"}
 _METRICS = ("kvserve_num_requests_waiting", "kvserve_num_requests_running")
 
@@ -82,7 +82,7 @@ class Router:
             return JSONResponse(e.body(), status_code=e.status)
         hashes = request_hashes(request.url.path, body) if request.method == "POST" else []
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in DROP_REQUEST]
         tried: set[str] = set()
         while True:
             replica = self.policy.choose(hashes, tried)
@@ -108,7 +108,7 @@ class Router:
             return StreamingResponse(
                 _passthrough(response, replica), status_code=response.status_code,
                 headers={k: v for k, v in response.headers.items()
-                         if k.lower() not in _DROP_RESPONSE})
+                         if k.lower() not in DROP_RESPONSE})
 
 
 async def _passthrough(response: httpx.Response, replica: Replica):
