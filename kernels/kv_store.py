@@ -20,7 +20,8 @@ import triton.language as tl
 from .paged_attention import SUPPORTED_DTYPES, check_device, check_kernel_device
 
 
-@triton.jit
+# num_tokens changes every step: not specialized (no new variant when it is 1 or a multiple of 16)
+@triton.jit(do_not_specialize=["num_tokens"])
 def _store_kv_kernel(
     key_ptr,          # [T, KVH, D]        stride_kt, stride_kh, 1
     value_ptr,        # [T, KVH, D]        stride_vt, stride_vh, 1

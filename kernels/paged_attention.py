@@ -60,9 +60,10 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-# num_seqs is not specialized: Triton makes an int argument equal to 1 a constexpr, which would
-# compile a separate variant for every single-sequence batch.
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs and stride_bt (the block-table width, which grows with the longest context) change
+# from step to step: not specialized, or Triton would compile a variant for each value that
+# is 1 or a multiple of 16 (a compile in the middle of serving, and one per CUDA graph size).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr,              # [T, H, D]        stride_ot, stride_oh, 1
     query_ptr,            # [T, H, D]        stride_qt, stride_qh, 1
@@ -176,6 +177,161 @@ def _paged_attention_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
+# ---- split-KV decode (flash-decoding) ------------------------------------------------------
+# A decode-only step has one query per sequence, so the unified grid is num_seqs x KVH programs:
+# 3 for SmolLM2 at batch 1, on a GPU with 132 SMs. Here each (sequence, KV head) also splits its
+# keys over NUM_SPLITS programs; each writes its part's running max m, sum l and unnormalized
+# accumulator (fp32), and a second kernel merges the parts:
+#
+#     M = max_s m_s     L = sum_s l_s * 2^(m_s - M)     out = sum_s acc_s * 2^(m_s - M) / L
+#
+# The split count depends only on the batch size and the model (decode_num_splits), never on
+# the sequence lengths, so a captured CUDA graph stays valid as contexts grow. A split whose
+# key range is empty writes m = -1e30, l = 0, acc = 0 and weighs nothing in the merge.
+@triton.jit(do_not_specialize=["stride_bt"])
+def _paged_decode_split_kernel(
+    part_acc_ptr,         # [B, H, S, D] fp32
+    part_ml_ptr,          # [B, H, S, 2] fp32: (m, l) per split
+    query_ptr, key_cache_ptr, value_cache_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    qk_scale, sliding_window,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    QPK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,          # power of two >= max(QPK, 16): rows past QPK are masked
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    q_pos = seq_len - 1
+
+    rows = tl.arange(0, BLOCK_M)
+    head = kv_head * QPK + rows
+    row_ok = rows < QPK
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(query_ptr + token * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+
+    # this split's tiles of the keys [k_lo, seq_len)
+    k_lo = 0
+    if USE_WINDOW:
+        k_lo = tl.maximum(seq_len - sliding_window, 0)
+        k_lo = (k_lo // TILE_N) * TILE_N
+    num_tiles = tl.cdiv(seq_len - k_lo, TILE_N)
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    n_begin = k_lo + split * per_split * TILE_N
+    n_end = tl.minimum(n_begin + per_split * TILE_N, seq_len)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_off = kv_head.to(tl.int64)
+    for n0 in range(n_begin, n_end, TILE_N):
+        n = n0 + tl.arange(0, TILE_N)
+        n_ok = n < n_end
+        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        slot = (n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = n_ok[:, None] & dim_ok[None, :]
+        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
+                    + kv_head_off * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
+                    + kv_head_off * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if FP32_IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        allowed = n_ok[None, :] & row_ok[:, None]
+        if USE_WINDOW:
+            allowed = allowed & (q_pos - n[None, :] < sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if UPCAST_DOT:
+            p = p.to(value_cache_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            p = p.to(v.dtype)
+        if FP32_IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p, v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
+    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc,
+             mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, part_acc_ptr, part_ml_ptr, query_start_loc_ptr,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+    splits = tl.arange(0, NUM_SPLITS)
+    part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + splits
+    m = tl.load(part_ml_ptr + part * 2)
+    l_s = tl.load(part_ml_ptr + part * 2 + 1)
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    dim_ok = dims < HEAD_DIM
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                  mask=dim_ok[None, :], other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max)
+    total = tl.sum(l_s * w, axis=0)
+    total = tl.where(total == 0.0, 1.0, total)  # a sequence with no keys (graph padding): 0
+    o = tl.sum(acc * w[:, None], axis=0) / total
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
+             o.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+MAX_DECODE_SPLITS = 16
+INTERPRETER_SMS = 8  # a pretend device for the interpreter: small batches take the split path
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Key splits per (sequence, KV head) of a decode-only step: enough programs to fill the
+    device once (a power of two, at most MAX_DECODE_SPLITS); 1 when the batch fills it alone.
+    Depends on shapes only, so a CUDA graph captured for a batch size keeps its split count."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = INTERPRETER_SMS
+    programs = max(1, num_seqs * num_kv_heads)
+    if programs >= sms:
+        return 1
+    return min(MAX_DECODE_SPLITS, triton.next_power_of_2(triton.cdiv(sms, programs)))
+
+
 def is_interpreted() -> bool:
     """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU)."""
     return type(_paged_attention_kernel).__name__ == "InterpretedFunction"
@@ -204,13 +360,15 @@ def _check_index(name: str, t: torch.Tensor, ndim: int) -> None:
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float, sliding_window: int | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, num_splits: int = 1) -> torch.Tensor:
     """Causal attention of each sequence's new queries against its paged K/V.
 
     query [T, H, D]; key_cache / value_cache [num_blocks, block_size, KVH, D];
     query_start_loc [B + 1], seq_lens [B], block_tables [B, max_blocks] (device tensors);
     returns ``out`` [T, H, D] (allocated when None). Rows of ``query`` past
-    query_start_loc[-1] are not written.
+    query_start_loc[-1] are not written. ``num_splits`` > 1 splits each sequence's keys over
+    that many programs when the step is decode-only (T == num_seqs; see decode_num_splits);
+    other steps ignore it.
     """
     if query.dim() != 3:
         raise ValueError("query must be [num_tokens, num_heads, head_dim], got "
@@ -266,10 +424,56 @@ def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     if num_tokens == 0 or num_seqs == 0:
         return out
 
+    if not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_DECODE_SPLITS \
+            or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two in [1, {MAX_DECODE_SPLITS}], got "
+                         f"{num_splits!r}.")
+    if num_splits > 1 and num_tokens == num_seqs:
+        plans = split_launch_plan(query, key_cache, value_cache, query_start_loc, seq_lens,
+                                  block_tables, scale, sliding_window, out, num_splits)
+        for kernel, (grid, args, meta) in zip((_paged_decode_split_kernel, _merge_splits_kernel),
+                                              plans):
+            kernel[grid](*args, **meta)
+        return out
     grid, args, meta = launch_plan(query, key_cache, value_cache, query_start_loc, seq_lens,
                                    block_tables, scale, sliding_window, out)
     _paged_attention_kernel[grid](*args, **meta)
     return out
+
+
+def split_launch_plan(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables,
+                      scale, sliding_window, out, num_splits):
+    """The split-KV decode's two launches: [(grid, args, meta)] for the split kernel, then the
+    merge. Allocates the fp32 partials (from the graph pool when captured)."""
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    qpk = num_heads // num_kv_heads
+    head_dim_padded = max(16, triton.next_power_of_2(head_dim))
+    part_acc = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
+                           device=query.device)
+    part_ml = torch.empty((num_seqs, num_heads, num_splits, 2), dtype=torch.float32,
+                          device=query.device)
+    split = ((num_seqs, num_kv_heads, num_splits),
+             (part_acc, part_ml, query, key_cache, value_cache, query_start_loc, seq_lens,
+              block_tables, scale * LOG2E, sliding_window or 0,
+              query.stride(0), query.stride(1),
+              key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+              value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+              block_tables.stride(0)),
+             dict(NUM_HEADS=num_heads, QPK=qpk, HEAD_DIM=head_dim,
+                  HEAD_DIM_PADDED=head_dim_padded, BLOCK_SIZE=block_size,
+                  BLOCK_M=max(16, triton.next_power_of_2(qpk)),
+                  TILE_N=64 if head_dim_padded * query.element_size() <= 256 else 32,
+                  NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
+                  FP32_IEEE=query.dtype == torch.float32,
+                  UPCAST_DOT=is_interpreted() and query.dtype == torch.bfloat16,
+                  num_warps=4, num_stages=2))
+    merge = ((num_seqs, num_heads),
+             (out, part_acc, part_ml, query_start_loc, out.stride(0), out.stride(1)),
+             dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+                  NUM_SPLITS=num_splits, num_warps=1))
+    return split, merge
 
 
 def launch_plan(query, key_cache, value_cache, query_start_loc, seq_lens, block_tables, scale,

@@ -185,6 +185,71 @@ def test_paged_attention_random_batches(seed):
     assert_matches(run_kernel(b, window), reference_output(b, window), dtype)
 
 
+# Split-KV decode: contexts from 1 to 8k keys (a split longer or shorter than a block, empty
+# splits when a context has fewer tiles than splits, a padding sequence of length 0), GQA 1-8,
+# head_dim 64 / 128 / 80 (padded to 128), every dtype, with and without a window.
+LONG_DECODES = [(1, n) for n in (8192, 1, 4097, 63, 64, 65, 1000, 2500)]
+SHORT_DECODES = [(1, n) for n in (1, 2, 17, 130, 31, 64)]
+
+
+def _s(kvh, ratio, head_dim, block_size, dtype, window, cases, splits, slow=False):
+    return pytest.param(kvh, ratio, head_dim, block_size, dtype, window, cases, splits,
+                        id=f"kvh{kvh}-r{ratio}-d{head_dim}-bs{block_size}-{str(dtype)[6:]}-"
+                           f"w{window}-n{len(cases)}-s{splits}",
+                        marks=[pytest.mark.slow] if slow else [])
+
+
+SPLIT_CASES = [
+    _s(1, 1, 64, 16, F32, None, SHORT_DECODES, 2),
+    _s(2, 4, 128, 32, BF16, None, SHORT_DECODES, 16),
+    _s(1, 8, 80, 16, F16, 24, SHORT_DECODES, 4),
+    _s(3, 3, 64, 64, F32, 100, SHORT_DECODES, 8),
+    _s(1, 3, 64, 16, BF16, None, LONG_DECODES, 16),     # SmolLM2's head shape
+    _s(2, 8, 128, 16, F32, None, LONG_DECODES, 4, slow=True),
+    _s(1, 2, 80, 32, F16, 700, LONG_DECODES, 8, slow=True),
+]
+
+
+@pytest.mark.parametrize("kvh,ratio,head_dim,block_size,dtype,window,cases,splits", SPLIT_CASES)
+def test_split_kv_decode_matches_reference(kvh, ratio, head_dim, block_size, dtype, window, cases,
+                                           splits):
+    b = make_batch(cases, kvh, ratio, head_dim, block_size, dtype, seed=splits + head_dim)
+    out = paged_attention(b.query, b.key_cache, b.value_cache, b.query_start_loc, b.seq_lens,
+                          b.block_tables, b.scale, window, num_splits=splits)
+    assert_matches(out, reference_output(b, window), dtype)
+
+
+def test_split_kv_decode_padding_sequence_and_unsplit_steps():
+    """A graph's padding row (seq_len 0) comes out as zeros, not NaN; num_splits on a step with
+    a prefill chunk falls back to the unified kernel (same answer)."""
+    b = make_batch([(1, 40), (1, 0), (1, 9)], 2, 2, 64, 16, F32)
+    out = paged_attention(b.query, b.key_cache, b.value_cache, b.query_start_loc, b.seq_lens,
+                          b.block_tables, b.scale, num_splits=4)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = reference_output(b)
+    assert_matches(out[[0, 2]], ref[[0, 2]], F32)
+    mixed = make_batch(MIXED, 2, 2, 64, 16, F32)
+    out = paged_attention(mixed.query, mixed.key_cache, mixed.value_cache,
+                          mixed.query_start_loc, mixed.seq_lens, mixed.block_tables, mixed.scale,
+                          num_splits=4)
+    assert_matches(out, reference_output(mixed), F32)
+
+
+def test_decode_num_splits_depends_on_shapes_only():
+    from kernels.paged_attention import INTERPRETER_SMS, MAX_DECODE_SPLITS, decode_num_splits
+
+    cpu = torch.device("cpu")
+    assert decode_num_splits(1, 1, cpu) == INTERPRETER_SMS  # one program: split to fill
+    assert decode_num_splits(INTERPRETER_SMS, 1, cpu) == 1   # the batch fills the device
+    for bs in range(1, 40):
+        n = decode_num_splits(bs, 3, cpu)
+        assert 1 <= n <= MAX_DECODE_SPLITS and n & (n - 1) == 0
+    with pytest.raises(ValueError, match="num_splits"):
+        b = make_batch(DECODES, 1, 1, 64, 16, F32)
+        paged_attention(b.query, b.key_cache, b.value_cache, b.query_start_loc, b.seq_lens,
+                        b.block_tables, b.scale, num_splits=3)
+
+
 @pytest.mark.parametrize("window", [1, 2, 17, 10_000])
 def test_sliding_window_edges(window):
     """Window 1 = each query sees only itself; a window past the sequence = no window."""

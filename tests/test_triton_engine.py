@@ -120,6 +120,44 @@ def test_decode_graph_padding_logic_on_cpu(tiny_models, monkeypatch):
     assert_no_leak(llm.engine)
 
 
+LAUNCHES_PER_LAYER = 12  # issue 19's budget for one decode step on the Triton path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decode_step_launches_per_layer(tiny_models, arch):
+    """Kernel launches of one pure decode step, counted per decoder layer by instrumenting the
+    launchers (kernels/launch_count.py: Triton runs and compute aten ops): norms, rotary and
+    SiLU * up are one launch each; Qwen3's q/k norms go into the rotary launch."""
+    from kernels.launch_count import count_launches
+
+    llm = tiny_llm(tiny_models, arch, "triton", max_num_seqs=4, enforce_eager=True)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i, p in enumerate(prompts([5, 9, 3], seed=8)):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    engine.step()  # the prefill step
+    layers = engine.runner.model.model.layers
+    with count_launches() as counter, \
+            counter.scoped({f"layer{i}": m for i, m in enumerate(layers)}):
+        engine.step()  # three decodes
+    per_scope = counter.per_scope()
+    per_layer = [per_scope[f"layer{i}"] for i in range(len(layers))]
+    assert len(set(per_layer)) == 1, per_layer  # every layer launches the same kernels
+    ops = counter.ops("layer0")
+    assert per_layer[0] <= LAUNCHES_PER_LAYER, ops
+    # 3 decodes x 2 KV heads leave the interpreter's pretend device idle: split-KV (2 launches)
+    for kernel in ("triton:_rms_norm_kernel", "triton:_rotary_qk_kernel",
+                   "triton:_silu_mul_kernel", "triton:_store_kv_kernel",
+                   "triton:_paged_decode_split_kernel", "triton:_merge_splits_kernel"):
+        assert ops.get(kernel) == (2 if kernel == "triton:_rms_norm_kernel" else 1), ops
+    # the counter sees aten compute ops too: the four projections' matmuls, and nothing else
+    # (on CPU they are oneDNN's prepacked linear, on CUDA addmm / mm)
+    assert sum(n for op, n in ops.items() if not op.startswith("triton:")) == 4, ops
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_no_leak(engine)
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):

@@ -125,17 +125,23 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, head_dim: int, sliding_window: int | None = None) -> None:
         super().__init__(head_dim, sliding_window)
         from kernels.kv_store import store_kv
-        from kernels.paged_attention import paged_attention
+        from kernels.paged_attention import decode_num_splits, paged_attention
 
         self._store_kv = store_kv
         self._paged_attention = paged_attention
+        self._num_splits = decode_num_splits
 
     def forward(self, q, k, v, kv_cache, meta):
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         self._store_kv(k, v, key_cache, value_cache, meta.slot_mapping)
+        # a decode-only step splits long contexts over more programs (flash-decoding) when the
+        # batch alone leaves the device idle; the count follows the batch size, not the lengths
+        splits = 1
+        if meta.max_query_len == 1:
+            splits = self._num_splits(len(meta.seq_lens_cpu), key_cache.shape[2], q.device)
         return self._paged_attention(q, key_cache, value_cache, meta.query_start_loc,
                                      meta.seq_lens, meta.block_tables, self.scale,
-                                     self.sliding_window)
+                                     self.sliding_window, num_splits=splits)
 
 
 BACKENDS = {"cpu": CpuAttentionBackend, "torch": TorchAttentionBackend,

@@ -24,7 +24,7 @@ from .cpu_linear import pack_linears
 from .loader import load_model
 from .malloc_tuning import keep_freed_memory
 from .model_config import ModelConfig
-from .models.llama import use_fused_cpu_ops
+from .models.llama import cpu_fused_ops, triton_fused_ops, use_fused_ops
 from .quant import (
     INT8_DYNAMIC_OUTLIERS,
     LM_HEAD_INT8_MAX_ROWS,
@@ -65,7 +65,7 @@ class ModelRunner:
                 from kernels import cpu_ops
 
                 if cpu_ops.available():  # not fp32-exact: only where outputs are not anyway
-                    use_fused_cpu_ops(self.model)
+                    use_fused_ops(self.model, cpu_fused_ops())
         self.lora = None
         if config.enable_lora:  # on top of the packed / quantized base layers
             from ..lora.layers import LoRAModel
@@ -75,6 +75,8 @@ class ModelRunner:
                                   self.device)
         self.backend = get_backend(config.backend_name, model_config.head_dim,
                                    model_config.sliding_window)
+        if self.backend.name == "triton":  # norms, rotary, SiLU * up: one launch each
+            use_fused_ops(self.model, triton_fused_ops())
         self.sampler = Sampler(model_config.vocab_size)
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []

@@ -10,6 +10,8 @@ down_proj produce partial sums that one all-reduce each completes.
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,22 +20,46 @@ from ..attention import AttentionBackend, AttentionMetadata
 from ..model_config import ModelConfig
 
 
-def _use_fused(module: nn.Module) -> bool:
-    """The C++ fused elementwise ops (kernels/csrc/fused_elementwise.cpp) in eager steps of
-    models that asked for them (use_fused_cpu_ops); compiled steps fuse the aten forms."""
-    return module.fused and not torch.compiler.is_compiling()
+class FusedOps(NamedTuple):
+    """One set of fused elementwise kernels: the C++ CPU ops (kernels/csrc/fused_elementwise.cpp)
+    or the Triton ones (kernels/fused.py), same contracts. ``rms_norm`` may be None (the C++
+    set fuses only the residual form)."""
+    add_rms_norm: Callable   # (x, residual, weight, eps) -> out; residual += x in place
+    rms_norm: Callable | None  # (x, weight, eps) -> out
+    rotary_: Callable        # (q, k, cos, sin) -> None, in place
+    silu_mul: Callable       # (gate_up) -> SiLU(gate) * up
+    norm_rotary_: Callable | None = None  # (q, k, cos, sin, q_w, k_w, eps): Qwen3's q/k norms too
 
 
-def use_fused_cpu_ops(model: nn.Module) -> None:
+def cpu_fused_ops() -> FusedOps:
     """Residual add + RMSNorm, rotary and SiLU * up as one C++ pass each (float32 CPU). Not
     bitwise equal to aten, so only for models that are not fp32-exact anyway (quantized)."""
+    ops = torch.ops.kvserve
+    return FusedOps(ops.add_rms_norm, None, ops.rotary_, ops.silu_mul)
+
+
+def triton_fused_ops() -> FusedOps:
+    """The CUDA path's: one launch each where aten takes several (fewer launches per decode
+    step, which is what bounds a small model's decode on a GPU)."""
+    from kernels import fused
+
+    return FusedOps(fused.add_rms_norm, fused.rms_norm, fused.rotary_, fused.silu_mul,
+                    fused.norm_rotary_)
+
+
+def use_fused_ops(model: nn.Module, ops: FusedOps) -> None:
     for m in model.modules():
         if isinstance(m, (RMSNorm, Attention, MLP)):
-            m.fused = True
+            m.fused = ops
+
+
+def _fused(module: nn.Module) -> FusedOps | None:
+    """The module's fused kernels in eager steps; compiled steps fuse the aten forms."""
+    return None if torch.compiler.is_compiling() else module.fused
 
 
 class RMSNorm(nn.Module):
-    fused = False
+    fused: FusedOps | None = None
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
@@ -41,8 +67,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None and _use_fused(self):  # residual += x in place
-            return torch.ops.kvserve.add_rms_norm(x, residual, self.weight, self.eps), residual
+        ops = _fused(self)
+        if ops is not None and residual is not None:  # residual += x in place
+            return ops.add_rms_norm(x, residual, self.weight, self.eps), residual
+        if ops is not None and ops.rms_norm is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
         if residual is not None:
             x = residual + x
             residual = x
@@ -106,7 +135,7 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    fused = False
+    fused: FusedOps | None = None
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp=None) -> None:
         super().__init__()
@@ -136,19 +165,24 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if _use_fused(self):
-            torch.ops.kvserve.rotary_(q, k, *cos_sin)
+        ops = _fused(self)
+        if ops is not None and ops.norm_rotary_ is not None and self.q_norm is not None:
+            ops.norm_rotary_(q, k, *cos_sin, self.q_norm.weight, self.k_norm.weight,
+                             self.q_norm.eps)  # Qwen3: q/k norms and rotation in one launch
         else:
-            q, k = apply_rotary(q, k, cos_sin)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if ops is not None:
+                ops.rotary_(q, k, *cos_sin)
+            else:
+                q, k = apply_rotary(q, k, cos_sin)
         out = backend.forward(q, k, v, kv_cache, meta)
         out = self.o_proj(out.reshape(T, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    fused = False
+    fused: FusedOps | None = None
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp=None) -> None:
         super().__init__()
@@ -161,8 +195,9 @@ class MLP(nn.Module):
                                    bias=cfg.mlp_bias and (tp is None or tp.rank == 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_fused(self):
-            out = self.down_proj(torch.ops.kvserve.silu_mul(self.gate_up_proj(x)))
+        ops = _fused(self)
+        if ops is not None:
+            out = self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
         else:
             gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
             out = self.down_proj(F.silu(gate) * up)
