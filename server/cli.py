@@ -75,6 +75,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="KV pool dtype (auto = the model's); CPU: bfloat16 under float32 "
                         "halves decode attention's memory traffic")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="CUDA: no decode CUDA graphs (slower; for a capture that fails)")
     p.add_argument("--cpu-compile", action="store_true", default=None,
                    help="torch.compile decode steps on CPU (slow first start, then cached)")
     p.add_argument("--cpu-compile-max-batch", type=int,

@@ -120,6 +120,25 @@ def test_decode_graph_padding_logic_on_cpu(tiny_models, monkeypatch):
     assert_no_leak(llm.engine)
 
 
+def test_failed_graph_capture_raises(tiny_models, monkeypatch):
+    """A capture that fails is an error naming the batch size and the way out, with the cause
+    chained, not a warning and a silently 3-4x slower eager engine."""
+    if ON_CUDA:
+        pytest.skip("fakes the CUDA graph API on CPU")
+    llm = tiny_llm(tiny_models, "llama", "triton", max_num_seqs=4)
+    runner = llm.engine.runner
+
+    def broken_graph(graph, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", broken_graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="batch size 4.*enforce_eager") as info:
+        runner._capture_decode_graphs()
+    assert "stream is capturing" in str(info.value.__cause__)
+
+
 LAUNCHES_PER_LAYER = 12  # issue 19's budget for one decode step on the Triton path
 
 

@@ -53,22 +53,35 @@ class Sampler:
         return SamplerOutput(token_list, logprobs)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        for i, req in enumerate(reqs):
-            params = req.sampling_params
-            if params.logit_bias:
-                ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
-                logits[i].index_add_(0, ids, torch.tensor(list(params.logit_bias.values()),
-                                                         dtype=logits.dtype, device=logits.device))
-            if params.needs_penalties:
-                logits[i] = _penalize(logits[i], req, self.vocab_size)
-            if req.num_output_tokens < params.min_tokens:
-                banned = [t for t in (*req.eos_token_ids, *params.stop_token_ids)
-                          if t < self.vocab_size]
-                row = logits[i].index_fill(0, torch.tensor(banned, dtype=torch.long,
-                                                           device=logits.device), float("-inf"))
-                # A grammar that allows only the end may not be overruled into no token.
-                if req.grammar is None or torch.isfinite(row).any():
-                    logits[i] = row
+        """logit_bias, repetition / frequency / presence penalties and min_tokens for every row
+        at once: the (row, token) pairs are gathered on the host from Python lists and each
+        kind is one indexed update, so a step makes no per-row device op and no host sync
+        (bincount and boolean masks per row used to)."""
+        pairs = _PenaltyPairs.gather(reqs, self.vocab_size)
+        if pairs.empty:
+            return logits
+        dev = logits.device
+        if pairs.bias:
+            r, t, v = pairs.tensors(dev, pairs.bias, torch.float32)
+            logits.index_put_((r, t), v, accumulate=True)
+        if pairs.repetition:  # transformers/vLLM: prompt and output tokens, shrink toward 0
+            r, t, p = pairs.tensors(dev, pairs.repetition, torch.float32)
+            vals = logits[r, t]
+            logits[r, t] = torch.where(vals > 0, vals / p, vals * p)
+        if pairs.frequency:  # OpenAI: generated tokens only; two steps, as x - f*n - p*[n>0]
+            r, t, fn = pairs.tensors(dev, pairs.frequency, torch.float32)
+            logits.index_put_((r, t), -fn, accumulate=True)
+        if pairs.presence:
+            r, t, pv = pairs.tensors(dev, pairs.presence, torch.float32)
+            logits.index_put_((r, t), -pv, accumulate=True)
+        if pairs.min_rows:
+            rows, grammar = pairs.min_row_tensors(dev)
+            r, t, _ = pairs.tensors(dev, pairs.banned, torch.float32)  # r: index into rows
+            sub = logits[rows]
+            sub[r, t] = float("-inf")
+            # A grammar that allows only the end may not be overruled into no token.
+            keep = ~grammar | torch.isfinite(sub).any(dim=-1)
+            logits[rows] = torch.where(keep[:, None], sub, logits[rows])
         return logits
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
@@ -130,21 +143,71 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: list, rows: list[int]) -
     logits[index] = masked
 
 
-def _penalize(row: torch.Tensor, req: Request, vocab_size: int) -> torch.Tensor:
-    params = req.sampling_params
-    if params.repetition_penalty != 1.0:
-        # transformers/vLLM convention: over prompt and output tokens, shrink toward zero.
-        seen = torch.tensor(sorted(set(req.token_ids)), device=row.device)
-        seen = seen[seen < vocab_size]
-        vals = row[seen]
-        p = params.repetition_penalty
-        row[seen] = torch.where(vals > 0, vals / p, vals * p)
-    if params.presence_penalty or params.frequency_penalty:
-        # OpenAI convention: over generated tokens only.
-        out = torch.tensor(req.output_token_ids, dtype=torch.long, device=row.device)
-        counts = torch.bincount(out, minlength=vocab_size)[:vocab_size].to(row.dtype)
-        row = row - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-    return row
+class _PenaltyPairs:
+    """Host-side (row, token, value) triples of one step's logit edits, by kind."""
+
+    def __init__(self) -> None:
+        self.bias: list[tuple[int, int, float]] = []
+        self.repetition: list[tuple[int, int, float]] = []
+        self.frequency: list[tuple[int, int, float]] = []  # value = frequency_penalty * count
+        self.presence: list[tuple[int, int, float]] = []
+        self.banned: list[tuple[int, int, float]] = []     # row = position in min_rows
+        self.min_rows: list[int] = []
+        self.min_grammar: list[bool] = []
+
+    @property
+    def empty(self) -> bool:
+        return not (self.bias or self.repetition or self.frequency or self.presence
+                    or self.min_rows)
+
+    @classmethod
+    def gather(cls, reqs: list[Request], vocab_size: int) -> "_PenaltyPairs":
+        out = cls()
+        for i, req in enumerate(reqs):
+            params = req.sampling_params
+            if params.logit_bias:
+                out.bias += [(i, t, v) for t, v in params.logit_bias.items()]
+            if params.repetition_penalty != 1.0:
+                p = params.repetition_penalty
+                out.repetition += [(i, t, p) for t in sorted(set(req.token_ids)) if t < vocab_size]
+            if params.presence_penalty or params.frequency_penalty:
+                counts: dict[int, int] = {}
+                for t in req.output_token_ids:
+                    counts[t] = counts.get(t, 0) + 1
+                for t, n in sorted(counts.items()):
+                    if t < vocab_size:
+                        # fp32 product, as the per-row form computed f * counts in fp32
+                        out.frequency.append((i, t, float(np.float32(params.frequency_penalty)
+                                                          * np.float32(n))))
+                        out.presence.append((i, t, params.presence_penalty))
+            if req.num_output_tokens < params.min_tokens:
+                banned = [t for t in (*req.eos_token_ids, *params.stop_token_ids)
+                          if t < vocab_size]
+                if banned:
+                    j = len(out.min_rows)
+                    out.min_rows.append(i)
+                    out.min_grammar.append(req.grammar is not None)
+                    out.banned += [(j, t, 0.0) for t in banned]
+        return out
+
+    @staticmethod
+    def tensors(device: torch.device, triples, dtype):
+        """(rows, tokens, values) on the device: one host array, one non-blocking copy from
+        pinned memory on CUDA (a pageable copy would block the host until it lands)."""
+        host = torch.tensor(triples, dtype=torch.float64).T.contiguous()
+        dev = _to_device(host, device)
+        return dev[0].long(), dev[1].long(), dev[2].to(dtype)
+
+    def min_row_tensors(self, device: torch.device):
+        host = torch.tensor([self.min_rows, self.min_grammar], dtype=torch.long)
+        dev = _to_device(host, device)
+        return dev[0], dev[1].bool()
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _filter(logits: torch.Tensor, params) -> torch.Tensor:
