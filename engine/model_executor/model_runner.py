@@ -503,13 +503,14 @@ class ModelRunner:
             if s.samples:
                 logits_rows.append(row - 1)
                 sampling_reqs.append(req)
-        input_ids, positions, meta = self._batch(chunks, starts, tables)
-        rows = torch.tensor(logits_rows, dtype=torch.long).to(self.device)
+        input_ids, positions, meta, rows = self._batch(chunks, starts, tables, logits_rows)
         return input_ids, positions, meta, rows, sampling_reqs
 
-    def _batch(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]]):
+    def _batch(self, chunks: list[list[int]], starts: list[int], tables: list[list[int]],
+               logits_rows: list[int] | None = None):
         """input_ids, positions and attention metadata of one flattened batch: each
-        sequence's new tokens (a chunk) from position ``start``, over its block table."""
+        sequence's new tokens (a chunk) from position ``start``, over its block table (and
+        ``logits_rows`` as a device tensor, when given)."""
         ids: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
@@ -517,7 +518,6 @@ class ModelRunner:
             ids.extend(chunk)
             query_start.append(query_start[-1] + len(chunk))
             seq_lens.append(start + len(chunk))
-        dev = self.device
         max_blocks = max(len(t) for t in tables)
         table_t = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         qsl_t = torch.tensor(query_start, dtype=torch.int32)
@@ -528,15 +528,29 @@ class ModelRunner:
         positions = (torch.arange(len(ids)) - qsl_t[:-1][seq_idx] + (lens_t - query_lens)[seq_idx]).long()
         block_ids = table_t[seq_idx, positions // self.block_size].long()
         slot_mapping = block_ids * self.block_size + positions % self.block_size
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        rows = torch.tensor(logits_rows or [], dtype=torch.long)
+        input_ids, positions, slot_mapping, rows = self._upload(
+            torch.long, input_ids, positions, slot_mapping, rows)
+        qsl_d, lens_d, table_d = self._upload(torch.int32, qsl_t, lens_t, table_t)
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(dev),
-            query_start_loc=qsl_t.to(dev),
-            seq_lens=lens_t.to(dev),
-            block_tables=table_t.to(dev),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
-            max_query_len=int(query_lens.max()),
-            max_seq_len=max(seq_lens),
-        )
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev)
-        return input_ids, positions.to(dev), meta
+            slot_mapping=slot_mapping, query_start_loc=qsl_d, seq_lens=lens_d,
+            block_tables=table_d, query_start_loc_cpu=query_start, seq_lens_cpu=seq_lens,
+            max_query_len=int(query_lens.max()), max_seq_len=max(seq_lens))
+        if logits_rows is None:
+            return input_ids, positions, meta
+        return input_ids, positions, meta, rows
+
+    def _upload(self, dtype: torch.dtype, *host: torch.Tensor) -> list[torch.Tensor]:
+        """Host tensors of one dtype onto the device as views of one buffer: on CUDA one
+        copy from pinned memory, not blocking the host (torch's pinned allocator keeps the
+        staging block until the copy has landed). On CPU they are already there."""
+        if self.device.type != "cuda":
+            return list(host)
+        packed = torch.cat([t.reshape(-1) for t in host]).pin_memory()
+        dev = packed.to(self.device, non_blocking=True)
+        out, at = [], 0
+        for t in host:
+            out.append(dev[at:at + t.numel()].view(t.shape))
+            at += t.numel()
+        return out
