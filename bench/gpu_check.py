@@ -20,6 +20,8 @@ order of value:
                   compiled in steady state; host syncs per step (set_sync_debug_mode)
     attention     paged-attention GB/s at SmolLM2 shapes (1 x 8k, 64 x 1k; split-KV and
                   unified) vs the device's copy bandwidth
+    kernel_bench  bench/kernels.py with whatever time is left: SmolLM2 and Llama-3-8B head
+                  shapes, batch 1 / 64, 512 / 8k contexts, prefill, KV store
 
 The dry run takes every step's code path on CPU and reports the GPU-only numbers as skipped.
 """
@@ -42,7 +44,8 @@ sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != os.p
     os.path.abspath(__file__))]
 
 STEPS = {  # name -> seconds allowed on the device (the dry run gets the same)
-    "versions": 30, "kernel_tests": 150, "parity": 90, "engine": 180, "attention": 60}
+    "versions": 30, "kernel_tests": 150, "parity": 90, "engine": 180, "attention": 60,
+    "kernel_bench": 90}
 COPY_TBPS = 4.3  # measured device-to-device copy bandwidth of the lent H200 (KINDS.md)
 SKIP = "skipped (needs CUDA)"
 
@@ -383,6 +386,18 @@ def step_attention(dry: bool, out: dict, model: str) -> None:
                          "GB/s": SKIP if dry else round(gbs, 1),
                          "of_copy_bw": SKIP if dry else f"{gbs / (COPY_TBPS * 1e3):.1%}"})
     out["rows"] = rows
+
+
+def step_kernel_bench(dry: bool, out: dict, model: str) -> None:
+    args = [sys.executable, os.path.join(ROOT, "bench", "kernels.py"),
+            "--dtype", "float32" if dry else "bfloat16"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                          timeout=STEPS["kernel_bench"] - 10)
+    out["rows"] = [ln for ln in proc.stdout.splitlines() if ln.startswith(
+        ("decode", "prefill", "kv_store"))]
+    if proc.returncode:
+        out["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"bench/kernels.py exited {proc.returncode}")
 
 
 def run_step(name: str, dry: bool, out_dir: str, model: str) -> int:

@@ -2,7 +2,9 @@
 
     python bench/kernels.py [--dtype bfloat16] [--summary FILE]
 
-On CUDA: decode batches (achieved K/V read bandwidth next to the device's peak), prefill
+On CUDA: decode batches at SmolLM2-135M's and Llama-3-8B's head shapes, batch 1 and 64, 512
+and 8k contexts, unified and split-KV (achieved K/V read bandwidth next to the device's peak;
+end-to-end ms per decode step is bench/gpu_check.py's engine step), prefill
 (TFLOP/s; dense causal SDPA on contiguous K/V as the yardstick, where it computes the same
 thing), and the KV store. Each Triton result is also checked against the reference.
 Without CUDA: times the torch reference and SDPA only, at small sizes, and says so; with
@@ -103,38 +105,57 @@ def run(device: torch.device, dtype: torch.dtype, use_triton: bool, small: bool)
     rows = []
     if use_triton:
         from kernels.kv_store import store_kv
-        from kernels.paged_attention import paged_attention
+        from kernels.paged_attention import decode_num_splits, paged_attention
     heads, kvh, head_dim, block_size = (32, 8, 128, 16) if not small else (8, 2, 64, 16)
     scale = head_dim ** -0.5
     peak = peak_tbps(device)
     itemsize = torch.empty((), dtype=dtype).element_size()
 
-    # ---- decode: one query per sequence ----
-    decode_shapes = [(64, 2048), (256, 1024), (8, 8192)] if not small else [(4, 100)]
-    for batch, ctx in decode_shapes:
-        p = make_paged([ctx] * batch, [1] * batch, kvh, head_dim, block_size, dtype, device)
-        q = torch.randn(batch, heads, head_dim, device=device).to(dtype)
-        kv_bytes = 2 * batch * ctx * kvh * head_dim * itemsize
+    # ---- decode: one query per sequence, at real models' head shapes ----
+    # (heads, kv_heads, head_dim): SmolLM2-135M and Llama-3-8B; batch 1 and 64, short and 8k
+    # contexts. The Triton kernel runs unified (one program per sequence x KV head) and, where
+    # the batch leaves the device idle, split-KV (the count the engine would pick).
+    if small:
+        decode_cases = [("tiny", (8, 2, 64), 4, 100), ("tiny", (8, 2, 64), 1, 300)]
+    else:
+        decode_cases = [(name, shape, batch, ctx)
+                        for name, shape in (("smollm2", (9, 3, 64)), ("llama3-8b", (32, 8, 128)))
+                        for batch in (1, 64) for ctx in (512, 8192)]
+    for model, (heads_m, kvh_m, hd_m), batch, ctx in decode_cases:
+        scale_m = hd_m ** -0.5
+        p = make_paged([ctx] * batch, [1] * batch, kvh_m, hd_m, block_size, dtype, device)
+        q = torch.randn(batch, heads_m, hd_m, device=device).to(dtype)
+        kv_bytes = 2 * batch * ctx * kvh_m * hd_m * itemsize
         ref_fn = lambda: reference.paged_attention(q, p["key_cache"], p["value_cache"], p["qsl"],
-                                                   p["lens"], p["tables"], scale)
-        ref_ms = bench(ref_fn, device)
+                                                   p["lens"], p["tables"], scale_m)
+        ref_ms = bench(ref_fn, device) if small or batch * ctx <= 64 * 512 else None
         ks, vs = zip(*(dense_kv(p, i, ctx) for i in range(batch)))
         k_dense, v_dense = torch.stack(ks), torch.stack(vs)        # [B, KVH, L, D]
         q_dense = q.unsqueeze(2)                                    # [B, H, 1, D]
         sdpa_ms = bench(lambda: F.scaled_dot_product_attention(
-            q_dense, k_dense, v_dense, scale=scale, enable_gqa=True), device)
-        tri_ms = err = bw = None
+            q_dense, k_dense, v_dense, scale=scale_m, enable_gqa=True), device)
+        del ks, vs, k_dense, v_dense
+        splits_list = [1]
         if use_triton:
-            fn = lambda: paged_attention(q, p["key_cache"], p["value_cache"], p["qsl_t"],
-                                         p["lens_t"], p["tables"], scale)
-            err = (fn().float() - ref_fn().float()).abs().max().item()
-            tri_ms = bench(fn, device)
-            bw = kv_bytes / (tri_ms * 1e-3) / 1e12
-        sdpa_bw = kv_bytes / (sdpa_ms * 1e-3) / 1e12
-        row(rows, f"decode B={batch} ctx={ctx}", triton_ms=fmt(tri_ms), ref_ms=fmt(ref_ms),
-            sdpa_dense_ms=fmt(sdpa_ms), triton_TBps=fmt(bw, 2), sdpa_TBps=fmt(sdpa_bw, 2),
-            peak_TBps=fmt(peak, 2) if peak else "unknown",
-            pct_peak=fmt(100 * bw / peak, 0) if (bw and peak) else "-", max_err=fmt(err, 4))
+            n = decode_num_splits(batch, kvh_m, device)
+            splits_list += [n] if n > 1 else []
+        for splits in splits_list if use_triton else [None]:
+            tri_ms = err = bw = None
+            if splits is not None:
+                fn = lambda s=splits: paged_attention(q, p["key_cache"], p["value_cache"],
+                                                      p["qsl_t"], p["lens_t"], p["tables"],
+                                                      scale_m, num_splits=s)
+                if ref_ms is not None:
+                    err = (fn().float() - ref_fn().float()).abs().max().item()
+                tri_ms = bench(fn, device)
+                bw = kv_bytes / (tri_ms * 1e-3) / 1e12
+            sdpa_bw = kv_bytes / (sdpa_ms * 1e-3) / 1e12
+            row(rows, f"decode {model} B={batch} ctx={ctx} split={splits or '-'}",
+                triton_ms=fmt(tri_ms), ref_ms=fmt(ref_ms), sdpa_dense_ms=fmt(sdpa_ms),
+                triton_TBps=fmt(bw, 2), sdpa_TBps=fmt(sdpa_bw, 2),
+                peak_TBps=fmt(peak, 2) if peak else "unknown",
+                pct_peak=fmt(100 * bw / peak, 0) if (bw and peak) else "-", max_err=fmt(err, 4))
+        del p
 
     # ---- prefill: fresh prompts (SDPA comparable) and a chunk on cached context ----
     prefill_shapes = [(4, 1024, 0), (1, 4096, 0), (2, 512, 1536)] if not small else [(2, 40, 0),

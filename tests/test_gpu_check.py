@@ -22,7 +22,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["dry_run"] is True
     steps = {s["step"]: s for s in summary["steps"]}
-    assert list(steps) == ["versions", "kernel_tests", "parity", "engine", "attention"]
+    assert list(steps) == ["versions", "kernel_tests", "parity", "engine", "attention",
+                           "kernel_bench"]
     assert all(s["status"] == "PASS" for s in steps.values()), steps
     assert steps["versions"]["interpreter"] is True
     assert " passed" in steps["kernel_tests"]["summary"]
@@ -37,5 +38,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     rows = steps["attention"]["rows"]
     assert {r["splits"] for r in rows} > {1}  # the split-KV kernel was timed too
     assert all(r["GB/s"] == skipped for r in rows)
+    assert any(r.startswith("decode tiny B=1 ctx=300 split=4") for r in
+               steps["kernel_bench"]["rows"])
     table = (tmp_path / "summary.md").read_text()
-    assert table.startswith("| step | status |") and table.count("| PASS |") == 5
+    assert table.startswith("| step | status |") and table.count("| PASS |") == 6
