@@ -334,7 +334,8 @@ def step_engine(dry: bool, out: dict, model: str) -> None:
                   kv_gib=round(runner.num_blocks * runner.bytes_per_block / 2**30, 2),
                   reserved_gib=round(torch.cuda.memory_reserved() / 2**30, 2))
     out["kv_budget"] = kv
-    out["graph_sizes"] = sorted(runner._graphs) if not dry else SKIP
+    out["graph_sizes"] = SKIP if dry else {"decode_batch": sorted(runner._graphs),
+                                           "mixed_tokens": sorted(runner._mixed_graphs)}
     out["decode"] = {}
     for batch in ((1, 4) if dry else (1, 64)):
         engine = _decode_steady(llm, batch, 32 if dry else 128, vocab)

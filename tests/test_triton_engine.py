@@ -78,8 +78,8 @@ def test_triton_matches_torch_sliding_window(tiny_models):
 
 
 class _Replayer:
-    """Stands in for a captured CUDA graph on CPU: replay() reruns the model on the runner's
-    static buffers and writes the graph's output tensor in place, as a replay would."""
+    """Stands in for a captured decode CUDA graph on CPU: replay() reruns the model on the
+    runner's static buffers and writes the graph's output tensor in place, as a replay would."""
 
     def __init__(self, runner, bs, out, log):
         self.runner, self.bs, self.out, self.log = runner, bs, out, log
@@ -94,35 +94,58 @@ class _Replayer:
         self.out.copy_(r.model(*r._graph_args(bs)))
 
 
-def test_decode_graph_padding_logic_on_cpu(tiny_models, monkeypatch):
-    """The CUDA-graph path minus the graphs: static buffers, padding a decode batch up to a
-    captured size (slot -1, seq_len 0), and picking the graph, checked token for token."""
+class _MixedReplayer(_Replayer):
+    """The same for a mixed-step graph of self.bs padded tokens over every sequence slot."""
+
+    def replay(self):
+        r, tokens = self.runner, self.bs
+        qsl, lens = r._m_qsl.tolist(), r._g_lens.tolist()
+        b = sum(1 for x in lens if x > 0)
+        n = qsl[b]
+        assert 0 < n <= tokens and qsl[b:] == [n] * (len(qsl) - b), \
+            "padding sequences must have no queries"
+        assert all(x == 0 for x in lens[b:]), "padding sequences must have no keys"
+        assert (r._g_slots[n:tokens] == -1).all() and (r._g_slots[:n] >= 0).all()
+        self.log.append(("mixed", tokens, n))
+        self.out.copy_(r.model(*r._mixed_graph_args(tokens)))
+
+
+def test_graph_padding_logic_on_cpu(tiny_models, monkeypatch):
+    """The CUDA-graph paths minus the graphs: static buffers, padding a decode batch up to a
+    captured size (slot -1, seq_len 0), padding a step with prefill chunks up to a captured
+    token count over every sequence slot, and picking the graph, checked token for token."""
     if ON_CUDA:
         pytest.skip("covered by the real graphs in test_cuda_graphs_match_eager")
     batch = prompts([3, 40, 17, 9], seed=5)
     max_tokens = [3, 9, 5, 7]  # the batch shrinks 4 -> 3 -> 2 -> 1 while decoding
-    ref = greedy(tiny_llm(tiny_models, "llama", "torch", max_num_seqs=4), batch, max_tokens)
+    kw = dict(max_num_seqs=4, max_num_batched_tokens=32)  # chunked prefill next to decodes
+    ref = greedy(tiny_llm(tiny_models, "llama", "torch", **kw), batch, max_tokens)
 
-    llm = tiny_llm(tiny_models, "llama", "triton", max_num_seqs=4)
+    llm = tiny_llm(tiny_models, "llama", "triton", **kw)
     runner = llm.engine.runner
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    runner._capture_decode_graphs()
+    runner._capture_graphs()
     assert sorted(runner._graphs) == [1, 2, 4]
+    assert sorted(runner._mixed_graphs) == [16, 32]
     log = []
     runner._graphs = {bs: (_Replayer(runner, bs, out, log), out)
                       for bs, (_, out) in runner._graphs.items()}
+    runner._mixed_graphs = {t: (_MixedReplayer(runner, t, out, log), out)
+                            for t, (_, out) in runner._mixed_graphs.items()}
     assert greedy(llm, batch, max_tokens) == ref
-    # 3 decodes padded to 4 right after a step of 4 (stale padding rows), then exact sizes
-    assert (4, 4) in log and (4, 3) in log and (2, 2) in log and (1, 1) in log
+    # 3 decodes padded to 4, then exact sizes; mixed steps at the full budget and padded
+    assert (4, 3) in log and (2, 2) in log and (1, 1) in log
+    mixed = [e for e in log if e[0] == "mixed"]
+    assert any(n < t for _, t, n in mixed) and any(n == 32 for _, _, n in mixed), mixed
     assert_no_leak(llm.engine)
 
 
 def test_failed_graph_capture_raises(tiny_models, monkeypatch):
-    """A capture that fails is an error naming the batch size and the way out, with the cause
-    chained, not a warning and a silently 3-4x slower eager engine."""
+    """A capture that fails is an error naming the graph (the largest, captured first) and the
+    way out, with the cause chained: not a warning and a silently 3-4x slower engine."""
     if ON_CUDA:
         pytest.skip("fakes the CUDA graph API on CPU")
     llm = tiny_llm(tiny_models, "llama", "triton", max_num_seqs=4)
@@ -134,8 +157,8 @@ def test_failed_graph_capture_raises(tiny_models, monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", broken_graph)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    with pytest.raises(RuntimeError, match="batch size 4.*enforce_eager") as info:
-        runner._capture_decode_graphs()
+    with pytest.raises(RuntimeError, match="mixed step of 512 tokens.*enforce_eager") as info:
+        runner._capture_graphs()
     assert "stream is capturing" in str(info.value.__cause__)
 
 

@@ -38,6 +38,7 @@ from .sampler import Sampler, SamplerOutput
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
+MIXED_GRAPH_MAX_TOKENS = 512  # steps with prefill chunks up to this many tokens replay graphs
 
 
 class ModelRunner:
@@ -82,6 +83,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self._graphs: dict[int, tuple] = {}  # padded batch size -> (CUDA graph, its output)
+        self._mixed_graphs: dict[int, tuple] = {}  # padded token count -> (graph, output)
         self._compiled: CompiledDecode | None = None  # CPU: torch.compile'd decode steps
 
     def _pack_cpu_weights(self) -> None:
@@ -160,7 +162,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self) -> int:
         """Preallocate the pool: one [2, num_blocks, block_size, kv_heads, head_dim] per layer.
-        On CUDA, then capture the decode CUDA graphs (unless enforce_eager)."""
+        On CUDA, then capture the CUDA graphs (unless enforce_eager)."""
         self.model.init_rotary(self._max_positions(), self.device)
         self.num_blocks = self.config.num_kv_blocks or self._blocks_from_budget()
         if self.tp is not None:  # one block table for all ranks: the smallest pool wins
@@ -170,7 +172,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
         if self.device.type == "cuda" and not self.config.enforce_eager and self.tp is None:
-            self._capture_decode_graphs()
+            self._capture_graphs()
         if self.config.cpu_compile:
             self._compile_decode()
         return self.num_blocks
@@ -266,42 +268,101 @@ class ModelRunner:
         return sizes + [self.config.max_num_seqs]
 
     @torch.inference_mode()
-    def _capture_decode_graphs(self) -> None:
-        """One CUDA graph per padded batch size for steps whose every sequence has one query
-        token. Static buffers hold the inputs; padding sequences get slot -1 (store nothing),
-        seq_len 0 (attend to nothing, output 0) and query_len 1, so query_start_loc is
-        0, 1, ..., n for every decode step and is written once here."""
+    def _capture_graphs(self) -> None:
+        """CUDA graphs over shared static buffers:
+
+        - decode: one per padded batch size for steps whose every sequence has one query
+          token; padding sequences get slot -1 (store nothing), seq_len 0 (attend to nothing,
+          output 0) and query_len 1, so their query_start_loc is 0, 1, ..., n for every
+          decode step and is written once here;
+        - mixed: one per padded token count for steps with prefill chunks (under load, most
+          steps), over all max_num_seqs sequence slots (see _mixed_graph_args)."""
         if self.backend.name != "triton":
             return  # the torch backend reads host lists and syncs: not capturable
         dev = self.device
         max_bs = self.config.max_num_seqs
+        max_tokens = max([max_bs] + self._mixed_graph_sizes())
         width = -(-self._max_positions() // self.block_size)
-        self._g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self._g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self._g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
-        self._g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self._g_ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((max_tokens,), -1, dtype=torch.long, device=dev)
+        self._g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)  # decode: fixed
+        self._m_qsl = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)   # mixed: per step
         self._g_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self._g_tables = torch.zeros((max_bs, width), dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
-        graphs = {}
-        for bs in sorted(self._graph_batch_sizes(), reverse=True):  # largest first: shared pool
-            args = self._graph_args(bs)
-            try:
-                self.model(*args)  # warm-up: compiles the kernels outside the capture
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(*args)
-            except Exception as e:
-                # Loud, not a warning: eager decode is 3-4x slower, and a capture failure is a
-                # bug (a host sync or an allocation the graph cannot hold) to be fixed.
-                raise RuntimeError(
-                    f"CUDA graph capture failed at decode batch size {bs}: {e!r}. Serve "
-                    "without graphs with enforce_eager=True (--enforce-eager).") from e
-            graphs[bs] = (graph, out)
+        mixed = {t: self._capture(pool, self._mixed_graph_args(t), f"mixed step of {t} tokens")
+                 for t in sorted(self._mixed_graph_sizes(), reverse=True)}  # largest first
+        graphs = {bs: self._capture(pool, self._graph_args(bs), f"decode batch size {bs}")
+                  for bs in sorted(self._graph_batch_sizes(), reverse=True)}
         torch.cuda.synchronize(dev)
-        self._graphs = graphs
-        logger.info("captured decode CUDA graphs for batch sizes %s", sorted(graphs))
+        self._graphs, self._mixed_graphs = graphs, mixed
+        logger.info("captured CUDA graphs: decode batch sizes %s, mixed steps of %s tokens",
+                    sorted(graphs), sorted(mixed))
+
+    def _capture(self, pool, args: tuple, what: str) -> tuple:
+        """(graph, its output) of one forward on the static buffers in ``args``."""
+        try:
+            self.model(*args)  # warm-up: compiles the kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(*args)
+        except Exception as e:
+            # Loud, not a warning: eager steps are 3-4x slower, and a capture failure is a
+            # bug (a host sync or an allocation the graph cannot hold) to be fixed.
+            raise RuntimeError(
+                f"CUDA graph capture failed at {what}: {e!r}. Serve without graphs with "
+                "enforce_eager=True (--enforce-eager).") from e
+        return graph, out
+
+    def _mixed_graph_sizes(self) -> list[int]:
+        """Token counts of the mixed-step graphs (steps with a prefill chunk): powers of two
+        from 16 up to MIXED_GRAPH_MAX_TOKENS, within the step budget. Bigger steps run
+        eagerly, where launch overhead is small next to the work."""
+        cap = min(MIXED_GRAPH_MAX_TOKENS, self.config.max_num_batched_tokens)
+        sizes, n = [], 16
+        while n < cap:
+            sizes.append(n)
+            n *= 2
+        return sizes + [cap]
+
+    def _mixed_graph_args(self, tokens: int) -> tuple:
+        """A mixed step of ``tokens`` (padded) rows over all max_num_seqs sequence slots: the
+        unified kernel's grid depends on those two shapes only, and padding slots have no
+        queries (query_start_loc repeats the last real offset) and no keys (seq_len 0)."""
+        max_bs = self.config.max_num_seqs
+        meta = AttentionMetadata(
+            slot_mapping=self._g_slots[:tokens], query_start_loc=self._m_qsl,
+            seq_lens=self._g_lens, block_tables=self._g_tables,
+            query_start_loc_cpu=[0] * (max_bs + 1), seq_lens_cpu=[0] * max_bs,
+            max_query_len=tokens, max_seq_len=0)  # max_query_len > 1: never the split path
+        return self._g_ids[:tokens], self._g_pos[:tokens], self.kv_caches, meta, self.backend
+
+    def _replay_mixed_graph(self, input_ids, positions, meta: AttentionMetadata):
+        """Hidden states for a step with prefill chunks through the smallest mixed graph that
+        holds its tokens, or None (the caller runs eagerly)."""
+        n, b = input_ids.shape[0], len(meta.seq_lens_cpu)
+        sizes = [t for t in self._mixed_graphs if t >= n]
+        width = meta.block_tables.shape[1]
+        if not sizes or width > self._g_tables.shape[1] or b > self._g_lens.shape[0]:
+            return None
+        t = min(sizes)
+        graph, out = self._mixed_graphs[t]
+        self._g_ids[:n].copy_(input_ids)
+        self._g_pos[:n].copy_(positions)
+        self._g_slots[:n].copy_(meta.slot_mapping)
+        self._m_qsl[:b + 1].copy_(meta.query_start_loc)
+        self._m_qsl[b + 1:].fill_(n)   # padding sequences: no queries ...
+        self._g_lens[:b].copy_(meta.seq_lens)
+        self._g_lens[b:].zero_()       # ... and no keys
+        self._g_tables[:b, :width].copy_(meta.block_tables)
+        if t > n:  # padding rows: token 0 at position 0, stored nowhere, attended by no one
+            self._g_ids[n:t].zero_()
+            self._g_pos[n:t].zero_()
+            self._g_slots[n:t].fill_(-1)
+        graph.replay()
+        return out[:n]
 
     def _graph_args(self, bs: int) -> tuple:
         """The model's arguments for a captured batch of bs: views of the static buffers."""
@@ -374,6 +435,8 @@ class ModelRunner:
             pass  # adapter tokens: eager (graphs and compiled steps hold the base model only)
         elif self._graphs and meta.max_query_len == 1:
             hidden = self._replay_decode_graph(input_ids, positions, meta)
+        elif self._mixed_graphs:
+            hidden = self._replay_mixed_graph(input_ids, positions, meta)
         elif (self._compiled is not None and meta.max_query_len == 1
               and len(input_ids) <= (self.config.cpu_compile_max_batch or len(input_ids))):
             hidden = self._compiled(input_ids, positions, meta)
