@@ -60,6 +60,47 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _load_kv_tile(key_cache_ptr, value_cache_ptr, table_row, n, n_ok, kv_head_off, dims, dim_ok,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  BLOCK_SIZE: tl.constexpr):
+    """K and V [TILE_N, D] of key positions n, read through the sequence's block table."""
+    block = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    slot = (n % BLOCK_SIZE).to(tl.int64)
+    kv_mask = n_ok[:, None] & dim_ok[None, :]
+    k = tl.load(key_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
+                + kv_head_off * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(value_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
+                + kv_head_off * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale,
+                         FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Fold one K/V tile into the running (max, sum, accumulator) of the rows of q; keys
+    where ``allowed`` is False get no weight. Scores in the log2 domain (exp2)."""
+    p_dtype = v.dtype
+    if UPCAST_DOT:  # the interpreter has no bf16 dot: fp32, with P rounded as on a GPU
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if FP32_IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(allowed, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p = p.to(p_dtype).to(v.dtype)
+    if FP32_IEEE:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p, v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
 # num_seqs and stride_bt (the block-table width, which grows with the longest context) change
 # from step to step: not specialized, or Triton would compile a variant for each value that
 # is 1 or a multiple of 16 (a compile in the middle of serving, and one per CUDA graph size).
@@ -133,43 +174,14 @@ def _paged_attention_kernel(
     for n0 in range(k_lo, k_hi, TILE_N):
         n = n0 + tl.arange(0, TILE_N)                    # key positions of this tile
         n_ok = n < k_hi
-        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = (n % BLOCK_SIZE).to(tl.int64)
-        kv_mask = n_ok[:, None] & dim_ok[None, :]
-        k_ptrs = (key_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
-                  + kv_head_off * stride_kh + dims[None, :])
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)   # [TILE_N, D]
-        v_ptrs = (value_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
-                  + kv_head_off * stride_vh + dims[None, :])
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)   # [TILE_N, D]
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        if FP32_IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale                                 # [BLOCK_M, TILE_N], log2 domain
+        k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, table_row, n, n_ok, kv_head_off,
+                             dims, dim_ok, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
         allowed = (n[None, :] <= q_pos[:, None]) & n_ok[None, :] & row_ok[:, None]
         if USE_WINDOW:
             allowed = allowed & (q_pos[:, None] - n[None, :] < sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if UPCAST_DOT:
-            p = p.to(value_cache_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            p = p.to(v.dtype)
-        if FP32_IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale,
+                                             FP32_IEEE, UPCAST_DOT)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
@@ -246,39 +258,14 @@ def _paged_decode_split_kernel(
     for n0 in range(n_begin, n_end, TILE_N):
         n = n0 + tl.arange(0, TILE_N)
         n_ok = n < n_end
-        block = tl.load(table_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        slot = (n % BLOCK_SIZE).to(tl.int64)
-        kv_mask = n_ok[:, None] & dim_ok[None, :]
-        k = tl.load(key_cache_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kv_head_off * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(value_cache_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs
-                    + kv_head_off * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
-        if UPCAST_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if FP32_IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
+        k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, table_row, n, n_ok, kv_head_off,
+                             dims, dim_ok, stride_kb, stride_ks, stride_kh,
+                             stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
         allowed = n_ok[None, :] & row_ok[:, None]
         if USE_WINDOW:
             allowed = allowed & (q_pos - n[None, :] < sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if UPCAST_DOT:
-            p = p.to(value_cache_ptr.dtype.element_ty).to(tl.float32)
-        else:
-            p = p.to(v.dtype)
-        if FP32_IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale,
+                                             FP32_IEEE, UPCAST_DOT)
 
     part = (seq.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
     tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)

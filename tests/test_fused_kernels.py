@@ -12,24 +12,17 @@ each rounding can be off by one more bf16 ulp (2^-7 relative) there.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_env import DEVICE, ON_CUDA, needs_kernels  # first: the interpreter on CPU
 
 from engine.model_executor.models.llama import RMSNorm, apply_rotary  # noqa: E402
 from kernels import fused  # noqa: E402
-from kernels.paged_attention import is_interpreted  # noqa: E402
 
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-pytestmark = pytest.mark.skipif(
-    not ON_CUDA and not is_interpreted(),
-    reason="kernels.fused was imported before TRITON_INTERPRET=1 was set")
+pytestmark = needs_kernels()
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOL = {F32: (1e-5, 1e-5), F16: (1e-3, 1e-3), BF16: (2e-2, 2e-2)}

@@ -21,18 +21,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_env import DEVICE, ON_CUDA, needs_kernels  # first: the interpreter on CPU
 
 from kernels import reference  # noqa: E402
 from kernels.kv_store import store_kv  # noqa: E402
-from kernels.paged_attention import is_interpreted, paged_attention  # noqa: E402
+from kernels.paged_attention import paged_attention  # noqa: E402
 
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-pytestmark = pytest.mark.skipif(
-    not ON_CUDA and not is_interpreted(),
-    reason="kernels.paged_attention was imported before TRITON_INTERPRET=1 was set")
+pytestmark = needs_kernels()
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # (atol, rtol) of the kernel output against the fp32 reference on the same (rounded) inputs.

@@ -17,17 +17,12 @@ import sys
 import pytest
 import torch
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_env import DEVICE, ON_CUDA, needs_kernels  # first: the interpreter on CPU
 
-from kernels.lora_triton import is_interpreted, lora_delta_triton  # noqa: E402
+from kernels.lora_triton import lora_delta_triton  # noqa: E402
 from kernels.lora import lora_delta_torch, slot_mask  # noqa: E402
 
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-pytestmark = pytest.mark.skipif(
-    not ON_CUDA and not is_interpreted(),
-    reason="kernels.lora_triton was imported before TRITON_INTERPRET=1 was set")
+pytestmark = needs_kernels()
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # (atol, rtol) against the fp32 reference on the same (rounded) inputs. fp32: only the

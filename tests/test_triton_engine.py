@@ -9,15 +9,12 @@ model against transformers) run too; on CPU those skip.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 
 import pytest
 import torch
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_env import ON_CUDA  # first: the interpreter on CPU
 
 from conftest import TINY_VOCAB, assert_no_leak, hf_greedy  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402

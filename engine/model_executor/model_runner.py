@@ -172,7 +172,9 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(cfg.num_hidden_layers)]
         if self.device.type == "cuda" and not self.config.enforce_eager and self.tp is None:
-            self._capture_graphs()
+            self._capture_graphs()  # which also compiles every kernel variant they hold
+        elif self.device.type == "cuda" and self.tp is None and self.backend.name == "triton":
+            self._warm_up_decode()
         if self.config.cpu_compile:
             self._compile_decode()
         return self.num_blocks
@@ -223,6 +225,16 @@ class ModelRunner:
             max_query_len=max(q_lens), max_seq_len=max(q_lens))
         ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
         return ids, positions.to(dev), meta
+
+    @torch.inference_mode()
+    def _warm_up_decode(self) -> None:
+        """Eager CUDA: compile the decode kernel variants now, not under the first requests
+        (the split-KV count, a constexpr, follows the batch size; the profiling forward has
+        already compiled the prefill ones). Dummy steps store nothing and read block 0."""
+        for bs in self._graph_batch_sizes():
+            ids, positions, meta = self._dummy_batch(bs, bs)
+            self.model(ids, positions, self.kv_caches, meta, self.backend)
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _cuda_kv_budget(self) -> int:
@@ -349,20 +361,30 @@ class ModelRunner:
             return None
         t = min(sizes)
         graph, out = self._mixed_graphs[t]
+        self._fill_static(input_ids, positions, meta, t, self._g_lens.shape[0])
+        self._m_qsl[:b + 1].copy_(meta.query_start_loc)
+        self._m_qsl[b + 1:].fill_(n)  # padding sequences: no queries (and no keys, above)
+        graph.replay()
+        return out[:n]
+
+    def _fill_static(self, input_ids, positions, meta: AttentionMetadata, tokens: int,
+                     seqs: int) -> None:
+        """A step's inputs into the static buffers of a graph of ``tokens`` rows over
+        ``seqs`` sequences; padding rows take token 0 at position 0 and are stored nowhere
+        (slot -1), padding sequences have no keys (seq_len 0)."""
+        n, b = input_ids.shape[0], len(meta.seq_lens_cpu)
+        width = meta.block_tables.shape[1]
         self._g_ids[:n].copy_(input_ids)
         self._g_pos[:n].copy_(positions)
         self._g_slots[:n].copy_(meta.slot_mapping)
-        self._m_qsl[:b + 1].copy_(meta.query_start_loc)
-        self._m_qsl[b + 1:].fill_(n)   # padding sequences: no queries ...
         self._g_lens[:b].copy_(meta.seq_lens)
-        self._g_lens[b:].zero_()       # ... and no keys
         self._g_tables[:b, :width].copy_(meta.block_tables)
-        if t > n:  # padding rows: token 0 at position 0, stored nowhere, attended by no one
-            self._g_ids[n:t].zero_()
-            self._g_pos[n:t].zero_()
-            self._g_slots[n:t].fill_(-1)
-        graph.replay()
-        return out[:n]
+        if tokens > n:
+            self._g_ids[n:tokens].zero_()
+            self._g_pos[n:tokens].zero_()
+            self._g_slots[n:tokens].fill_(-1)
+        if seqs > b:
+            self._g_lens[b:seqs].zero_()
 
     def _graph_args(self, bs: int) -> tuple:
         """The model's arguments for a captured batch of bs: views of the static buffers."""
@@ -383,16 +405,7 @@ class ModelRunner:
             return None
         bs = min(sizes)
         graph, out = self._graphs[bs]
-        self._g_ids[:n].copy_(input_ids)
-        self._g_pos[:n].copy_(positions)
-        self._g_slots[:n].copy_(meta.slot_mapping)
-        self._g_lens[:n].copy_(meta.seq_lens)
-        self._g_tables[:n, :width].copy_(meta.block_tables)
-        if bs > n:  # padding sequences: token 0 at position 0, stores nothing, reads nothing
-            self._g_ids[n:bs].zero_()
-            self._g_pos[n:bs].zero_()
-            self._g_slots[n:bs].fill_(-1)
-            self._g_lens[n:bs].zero_()
+        self._fill_static(input_ids, positions, meta, bs, bs)  # one token per sequence
         graph.replay()
         return out[:n]
 
