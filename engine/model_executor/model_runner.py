@@ -33,7 +33,7 @@ from .quant import (
     W8A8Linear,
     supports_int4,
 )
-from .sampler import Sampler, SamplerOutput
+from .sampler import Sampler, SamplerOutput, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -607,8 +607,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long)
         rows = torch.tensor(logits_rows or [], dtype=torch.long)
         input_ids, positions, slot_mapping, rows = self._upload(
-            torch.long, input_ids, positions, slot_mapping, rows)
-        qsl_d, lens_d, table_d = self._upload(torch.int32, qsl_t, lens_t, table_t)
+            input_ids, positions, slot_mapping, rows)
+        qsl_d, lens_d, table_d = self._upload(qsl_t, lens_t, table_t)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, query_start_loc=qsl_d, seq_lens=lens_d,
             block_tables=table_d, query_start_loc_cpu=query_start, seq_lens_cpu=seq_lens,
@@ -617,14 +617,12 @@ class ModelRunner:
             return input_ids, positions, meta
         return input_ids, positions, meta, rows
 
-    def _upload(self, dtype: torch.dtype, *host: torch.Tensor) -> list[torch.Tensor]:
-        """Host tensors of one dtype onto the device as views of one buffer: on CUDA one
-        copy from pinned memory, not blocking the host (torch's pinned allocator keeps the
-        staging block until the copy has landed). On CPU they are already there."""
+    def _upload(self, *host: torch.Tensor) -> list[torch.Tensor]:
+        """Host tensors of one dtype onto the device as views of one buffer, one copy (see
+        sampler.to_device). On CPU they are already there."""
         if self.device.type != "cuda":
             return list(host)
-        packed = torch.cat([t.reshape(-1) for t in host]).pin_memory()
-        dev = packed.to(self.device, non_blocking=True)
+        dev = to_device(torch.cat([t.reshape(-1) for t in host]), self.device)
         out, at = [], 0
         for t in host:
             out.append(dev[at:at + t.numel()].view(t.shape))

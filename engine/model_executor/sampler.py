@@ -68,11 +68,9 @@ class Sampler:
             r, t, p = pairs.tensors(dev, pairs.repetition, torch.float32)
             vals = logits[r, t]
             logits[r, t] = torch.where(vals > 0, vals / p, vals * p)
-        if pairs.frequency:  # OpenAI: generated tokens only; two steps, as x - f*n - p*[n>0]
-            r, t, fn = pairs.tensors(dev, pairs.frequency, torch.float32)
+        if pairs.counted:  # OpenAI: generated tokens only; two steps, as x - f*n - p*[n>0]
+            r, t, fn, pv = pairs.tensors(dev, pairs.counted, torch.float32)
             logits.index_put_((r, t), -fn, accumulate=True)
-        if pairs.presence:
-            r, t, pv = pairs.tensors(dev, pairs.presence, torch.float32)
             logits.index_put_((r, t), -pv, accumulate=True)
         if pairs.min_rows:
             rows, grammar = pairs.min_row_tensors(dev)
@@ -149,16 +147,15 @@ class _PenaltyPairs:
     def __init__(self) -> None:
         self.bias: list[tuple[int, int, float]] = []
         self.repetition: list[tuple[int, int, float]] = []
-        self.frequency: list[tuple[int, int, float]] = []  # value = frequency_penalty * count
-        self.presence: list[tuple[int, int, float]] = []
+        # (row, token, frequency_penalty * count, presence_penalty) of each generated token
+        self.counted: list[tuple[int, int, float, float]] = []
         self.banned: list[tuple[int, int, float]] = []     # row = position in min_rows
         self.min_rows: list[int] = []
         self.min_grammar: list[bool] = []
 
     @property
     def empty(self) -> bool:
-        return not (self.bias or self.repetition or self.frequency or self.presence
-                    or self.min_rows)
+        return not (self.bias or self.repetition or self.counted or self.min_rows)
 
     @classmethod
     def gather(cls, reqs: list[Request], vocab_size: int) -> "_PenaltyPairs":
@@ -177,9 +174,9 @@ class _PenaltyPairs:
                 for t, n in sorted(counts.items()):
                     if t < vocab_size:
                         # fp32 product, as the per-row form computed f * counts in fp32
-                        out.frequency.append((i, t, float(np.float32(params.frequency_penalty)
-                                                          * np.float32(n))))
-                        out.presence.append((i, t, params.presence_penalty))
+                        out.counted.append((i, t, float(np.float32(params.frequency_penalty)
+                                                        * np.float32(n)),
+                                            params.presence_penalty))
             if req.num_output_tokens < params.min_tokens:
                 banned = [t for t in (*req.eos_token_ids, *params.stop_token_ids)
                           if t < vocab_size]
@@ -191,20 +188,21 @@ class _PenaltyPairs:
         return out
 
     @staticmethod
-    def tensors(device: torch.device, triples, dtype):
-        """(rows, tokens, values) on the device: one host array, one non-blocking copy from
+    def tensors(device: torch.device, tuples, dtype):
+        """(rows, tokens, *values) on the device: one host array, one non-blocking copy from
         pinned memory on CUDA (a pageable copy would block the host until it lands)."""
-        host = torch.tensor(triples, dtype=torch.float64).T.contiguous()
-        dev = _to_device(host, device)
-        return dev[0].long(), dev[1].long(), dev[2].to(dtype)
+        dev = to_device(torch.tensor(tuples, dtype=torch.float64).T.contiguous(), device)
+        return (dev[0].long(), dev[1].long(), *(col.to(dtype) for col in dev[2:]))
 
     def min_row_tensors(self, device: torch.device):
         host = torch.tensor([self.min_rows, self.min_grammar], dtype=torch.long)
-        dev = _to_device(host, device)
+        dev = to_device(host, device)
         return dev[0], dev[1].bool()
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: on CUDA one copy from pinned memory that does not block
+    the host (torch's pinned allocator keeps the staging block until the copy has landed)."""
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
