@@ -4,6 +4,8 @@
 - ``paged_decode``, ``paged_prefill``, ``store_kv``: paged attention over the block pool
   (kernels/cpu_attention.py);
 - ``w8a8_linear``: the int8 x int8 linear of ``quantization="int8"`` (engine/model_executor/quant.py);
+- ``lora_bgmv_``: multi-LoRA deltas, each row against its own adapter slot
+  (engine/lora/layers.py);
 - ``argmax_rows``: greedy sampling's per-row argmax (engine/model_executor/sampler.py);
 - ``silu_mul``, ``add_rms_norm``, ``rotary_``: fused elementwise steps of quantized models
   (engine/model_executor/models/llama.py).
@@ -24,7 +26,8 @@ logger = logging.getLogger(__name__)
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp",
                                                        "int8_linear.cpp",
-                                                       "argmax.cpp", "fused_elementwise.cpp")]
+                                                       "argmax.cpp", "fused_elementwise.cpp",
+                                                       "lora_bgmv.cpp")]
 _lock = threading.Lock()
 _loaded = False
 _failed = False
@@ -72,6 +75,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("kvserve::store_kv")
     def _(key, value, key_cache, value_cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake("kvserve::lora_bgmv_")
+    def _(out, x, a, b, runs, width):
         return None
 
     @torch.library.register_fake("kvserve::argmax_rows")

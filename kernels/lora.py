@@ -9,14 +9,14 @@ its B, lower ranks zero-padded to ``width`` = sub-projections x max rank):
 so a fused projection (q|k|v, gate|up) is one block-diagonal B per slot. Token t with slot
 s >= 0 gets ``x[t] @ a[:, s] @ b[s]``; slot -1 (no adapter) gets nothing.
 
-``lora_delta_torch`` is the reference (and the CPU path where oneDNN prepacking is missing):
-one shrink matmul over the slots the step uses (a contiguous range lo..hi), a one-hot mask
-that keeps each token's own slot, one expand matmul: two GEMMs per projection whatever the
-mix, instead of a gather, two matmuls and a scatter per adapter. ``lora_delta_packed`` is
-the CPU path: the same with prepacked weights, or per-run GEMMs when the step's adapter
-tokens sit in a few long runs (below). ``lora_delta_triton`` (CUDA) is the per-token shrink and
-expand kernels in kernels/lora_triton.py, checked against it under
-``TRITON_INTERPRET=1``.
+``lora_delta_torch`` is the reference (and the CPU path where the C++ op could not be
+built): one shrink matmul over the slots the step uses (a contiguous range lo..hi), a
+one-hot mask that keeps each token's own slot, one expand matmul: two GEMMs per projection
+whatever the mix, instead of a gather, two matmuls and a scatter per adapter.
+``lora_delta_bgmv`` is the CPU path: the C++ op, each run of one adapter's tokens against
+its own slot only. ``lora_delta_triton`` (CUDA) is the per-token shrink and expand kernels
+in kernels/lora_triton.py. Both are checked against the reference (the Triton kernels
+under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
@@ -56,77 +56,47 @@ def slot_mask(token_slot: list[int], dtype: torch.dtype, device) -> tuple:
     return onehot.to(device), lo, hi
 
 
-# ---- CPU: the same deltas with oneDNN-prepacked weights ---------------------------------
-# At decode sizes the LoRA matmuls are small and plain ``x @ a`` re-lays its weight out on
-# every call; prepacked they cost ~25% less. And once a step's tokens are grouped by slot
-# (the runner orders LoRA batches that way), long runs skip the one-hot: each run's tokens
-# meet only their own slot's A and B, a quarter of the FLOPs with four adapters in the step.
-RUN_ROWS = 32  # mean adapter rows per run from which per-run GEMMs beat the one-hot mask
+# ---- CPU: the C++ op (kernels/csrc/lora_bgmv.cpp) ------------------------------------------
+# The runner orders a LoRA step's requests by adapter, so its tokens sit in runs of one slot;
+# the op multiplies each run by its own slot's A and B only (a quarter of the one-hot's
+# FLOPs with four adapters in the step) in one call per projection, shrink and expand fused.
+# oneDNN's per-run GEMMs do the same FLOPs but cost ~60 us a call at decode sizes.
+MAX_BGMV_WIDTH = 2048  # the op's stack buffer: sub-projections x max rank
 
 
-def can_prepack(dtype: torch.dtype, device) -> bool:
+def can_bgmv(dtype: torch.dtype, device, width: int) -> bool:
+    from . import cpu_ops
+
     return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and width <= MAX_BGMV_WIDTH and cpu_ops.has_op("lora_bgmv_"))
 
 
-def _pack(w: torch.Tensor) -> torch.Tensor:
-    """w [out, in] in oneDNN's blocked layout for ``_linear``."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 64)
+def lora_delta_bgmv(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    runs: torch.Tensor, width: int) -> torch.Tensor:
+    """``out`` plus each run's delta, in place; ``runs`` int64 [R, 3] of (start, end, slot)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    torch.ops.kvserve.lora_bgmv_(out, x, a, b, runs, width)
+    return out
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-
-class PackedSlots:
-    """One projection's slots prepacked: A of all slots (the one-hot shrink), and A and B of
-    each slot (the per-run path). ``repack(slot)`` after that slot's columns of a / rows of
-    b change."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, width: int) -> None:
-        self.a, self.b, self.width = a, b, width
-        self.slots = a.shape[1] // width
-        self.a_all = _pack(a.t())
-        self.a_slot = [_pack(a[:, s * width:(s + 1) * width].t()) for s in range(self.slots)]
-        self.b_slot = [_pack(b[s * width:(s + 1) * width].t()) for s in range(self.slots)]
-
-    def repack(self, slot: int) -> None:
-        w = self.width
-        self.a_all = _pack(self.a.t())
-        self.a_slot[slot] = _pack(self.a[:, slot * w:(slot + 1) * w].t())
-        self.b_slot[slot] = _pack(self.b[slot * w:(slot + 1) * w].t())
-
-
-def use_runs(runs: list[tuple[int, int, int]]) -> bool:
-    """Per-run GEMMs for a step whose adapter tokens sit in few long runs (prefill chunks,
-    or decode rows of one adapter); the one-hot mask for many short ones."""
-    if len(runs) <= 1:
-        return True
-    return sum(end - start for start, end, _ in runs) >= RUN_ROWS * len(runs)
-
-
-def lora_delta_packed(x: torch.Tensor, out: torch.Tensor, packs: PackedSlots,
-                      runs: list[tuple[int, int, int]] | None,
-                      onehot: torch.Tensor | None) -> torch.Tensor:
-    """``out`` plus each token's delta, in place: per run (start, end, slot) when ``runs`` is
-    given, else through every slot with ``onehot`` [T, slots] keeping each token's own."""
-    if runs is not None:
-        for start, end, slot in runs:
-            out[start:end].add_(_linear(_linear(x[start:end], packs.a_slot[slot]),
-                                        packs.b_slot[slot]))
-        return out
-    T, w = x.shape[0], packs.width
-    shrunk = (_linear(x, packs.a_all).view(T, packs.slots, w) * onehot.unsqueeze(-1))
-    return out.addmm_(shrunk.view(T, -1), packs.b)
-
-
-def slot_runs(token_slot: list[int]) -> list[tuple[int, int, int]]:
-    """(start, end, slot) of each maximal run of one adapter (slot -1, the base, skipped)."""
-    runs, start = [], 0
-    for i in range(1, len(token_slot) + 1):
-        if i == len(token_slot) or token_slot[i] != token_slot[start]:
-            if token_slot[start] >= 0:
-                runs.append((start, i, token_slot[start]))
-            start = i
+def slot_runs(pieces: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(start, end, slot) of each maximal run of one adapter, from the step's consecutive
+    (tokens, slot) pieces (one per request); slot -1 (the base model) is skipped."""
+    runs, row = [], 0
+    for n, slot in pieces:
+        if slot >= 0 and n:
+            if runs and runs[-1][1] == row and runs[-1][2] == slot:
+                runs[-1] = (runs[-1][0], row + n, slot)
+            else:
+                runs.append((row, row + n, slot))
+        row += n
     return runs
+
+
+def token_slots(runs: list[tuple[int, int, int]], num_tokens: int) -> list[int]:
+    """Each token's slot (-1 outside the runs), for the one-hot and the Triton kernels."""
+    out = [-1] * num_tokens
+    for start, end, slot in runs:
+        out[start:end] = [slot] * (end - start)
+    return out

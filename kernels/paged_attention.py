@@ -36,6 +36,8 @@ into the scale). head_dim is padded to a power of two (>= 16) and masked.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -305,14 +307,19 @@ MAX_DECODE_SPLITS = 16
 INTERPRETER_SMS = 8  # a pretend device for the interpreter: small batches take the split path
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (asked once: eager decode steps ask every layer)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
 def decode_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Key splits per (sequence, KV head) of a decode-only step: enough programs to fill the
     device once (a power of two, at most MAX_DECODE_SPLITS); 1 when the batch fills it alone.
     Depends on shapes only, so a CUDA graph captured for a batch size keeps its split count."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = INTERPRETER_SMS
+    sms = _multiprocessors(device)
     programs = max(1, num_seqs * num_kv_heads)
     if programs >= sms:
         return 1

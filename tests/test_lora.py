@@ -72,41 +72,61 @@ def greedy(llm, prompt_list, loras, max_tokens=NEW):
     return [o.outputs[0].token_ids for o in outs]
 
 
-# ---- the prepacked CPU path against the torch reference ------------------------------------
+# ---- the C++ op (CPU path) against the torch reference ------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("token_slot", [
-    [1] * 5,                                    # one run: per-run GEMMs
-    [0] * 40 + [-1] * 3 + [2] * 45,             # few long runs (prefill chunks): per run
-    [0, 2, -1, 1, 1, 0, 2, 2, -1, 0],           # many short runs (decode rows): one-hot
+@pytest.mark.parametrize("pieces", [
+    [(5, 1)],                                   # one run
+    [(40, 0), (3, -1), (45, 2)],                # few long runs (prefill chunks)
+    [(1, 0), (1, 2), (1, -1), (2, 1), (1, 0), (2, 2), (1, -1), (1, 0)],  # decode rows
+    [(3, 0), (4, 0), (0, 1), (2, -1), (6, 0)],  # requests merging into runs, an empty one
 ])
-def test_prepacked_deltas_equal_the_reference(dtype, token_slot):
-    from kernels.lora import (PackedSlots, can_prepack, lora_delta_packed, lora_delta_torch,
-                              slot_mask, slot_runs, use_runs)
+@pytest.mark.parametrize("width", [12, 40])     # tails shorter than one vector; 2.5 vectors
+def test_bgmv_deltas_equal_the_reference(dtype, pieces, width):
+    from kernels import cpu_ops
+    from kernels.lora import lora_delta_bgmv, lora_delta_torch, slot_mask, slot_runs, token_slots
 
-    if not can_prepack(dtype, "cpu"):
-        pytest.skip("no oneDNN linear prepacking in this torch build")
+    if not cpu_ops.available():
+        pytest.skip("no C++ toolchain")
     gen = torch.Generator().manual_seed(0)
-    width, slots, fan_in, fan_out = 12, 3, 40, 56
+    slots, fan_in, fan_out = 3, 40, 70
     a = (torch.randn(fan_in, slots * width, generator=gen) / fan_in ** 0.5).to(dtype)
     b = (torch.randn(slots * width, fan_out, generator=gen) / width ** 0.5).to(dtype)
-    packs = PackedSlots(a, b, width)
-    b[width:2 * width] *= -2  # slot 1 changes after packing: stale until repacked
-    packs.repack(1)
-    x = torch.randn(len(token_slot), fan_in, generator=gen).to(dtype)
-    base = torch.randn(len(token_slot), fan_out, generator=gen).to(dtype)
-    onehot, lo, hi = slot_mask(token_slot, dtype, "cpu")
-    want = lora_delta_torch(x.float(), a.float(), b.float(),
-                            None if onehot is None else onehot.float(), lo, hi, width,
+    runs = slot_runs(pieces)
+    token_slot = [s for n, s in pieces for _ in range(n)]
+    assert [(s, e) for s, e, _ in runs] == _runs_of(token_slot), runs
+    assert token_slots(runs, len(token_slot)) == token_slot
+    T = len(token_slot)
+    x = torch.randn(T, 2 * fan_in, generator=gen).to(dtype)[:, ::2]  # strided rows: copied
+    base = torch.randn(T, fan_out, generator=gen).to(dtype)
+    onehot, lo, hi = slot_mask(token_slot, torch.float32, "cpu")
+    want = lora_delta_torch(x.float(), a.float(), b.float(), onehot, lo, hi, width,
                             out=base.float().clone())
-    runs = slot_runs(token_slot)
-    assert [(s, e) for s, e, _ in runs] == [
-        (i, j) for i, j in _runs_of(token_slot)], runs
-    full = (torch.tensor(token_slot)[:, None] == torch.arange(slots)).to(dtype)
-    for how in ("runs", "onehot"):
-        got = lora_delta_packed(x, base.clone(), packs, runs if how == "runs" else None, full)
-        tol = 1e-5 if dtype == torch.float32 else 3e-2
-        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
-    assert use_runs(runs) == (len(runs) == 1 or len(token_slot) > 20)
+    got = lora_delta_bgmv(x, base.clone(), a, b, torch.tensor(runs).view(-1, 3), width)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    # rows of the base model are left bit for bit as they were
+    plain = torch.tensor([s < 0 for s in token_slot])
+    assert torch.equal(got[plain], base[plain])
+
+
+def test_bgmv_refuses_bad_runs_and_shapes():
+    from kernels import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("no C++ toolchain")
+    a, b = torch.zeros(8, 2 * 4), torch.zeros(2 * 4, 6)
+    x, out = torch.zeros(5, 8), torch.zeros(5, 6)
+    op = torch.ops.kvserve.lora_bgmv_
+    for runs, needle in (([[0, 6, 0]], "out of range"), ([[0, 2, 2]], "out of range"),
+                         ([[3, 2, 0]], "out of range")):
+        with pytest.raises(ValueError, match=needle):
+            op(out, x, a, b, torch.tensor(runs), 4)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        op(out, x, a, torch.zeros(8, 7), torch.tensor([[0, 1, 0]]), 4)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        op(out, x.double(), a, b, torch.tensor([[0, 1, 0]]), 4)
+    op(out, x + 1, a + 1, b + 1, torch.tensor([[0, 1, 0]]), 4)  # the good twin runs
+    assert out[0].eq(8 * 4).all() and out[1:].eq(0).all()
 
 
 def _runs_of(token_slot):

@@ -6,11 +6,11 @@ model's fast paths stay as they are and the delta is added on top. Per projectio
 slots' weights are stacked as kernels/lora.py describes; loading an adapter into a slot
 writes its columns of A and rows of B (zero-padded to ``max_lora_rank`` per sub-projection).
 
-Each step the runner groups the batch by adapter and sets the tokens' slots once
-(``set_step``); every wrapper reads the same runs or mask. On CPU the slots are also kept
-prepacked for oneDNN (kernels/lora.py: PackedSlots), repacked when a slot is written. A
-step without adapter tokens adds nothing: base-only steps are bitwise what they are without
-LoRA, and keep their CUDA graphs / compiled decode.
+Each step the runner groups the batch by adapter and sets the step's runs of one slot once
+(``set_step``); every wrapper reads the same runs (the C++ op on CPU), per-token slots
+(Triton on CUDA) or one-hot mask (the torch fallback). A step without adapter tokens adds
+nothing: base-only steps are bitwise what they are without LoRA, and keep their CUDA
+graphs / compiled decode.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from kernels.lora import (PackedSlots, can_prepack, lora_delta_packed, lora_delta_torch,
-                          slot_mask, slot_runs, use_runs)
+from kernels.lora import can_bgmv, lora_delta_bgmv, lora_delta_torch, slot_mask, token_slots
 
 from .peft import CONFIG, SUBS, WEIGHTS, LoRAAdapter, adapter_key, load_adapter
 
@@ -35,10 +34,8 @@ class StepSlots:
         self.lo = self.hi = 0
         self.token_slot = None  # int32 tensor on the device (Triton path)
         self.triton = False
-        # prepacked CPU path: the adapter runs, or a one-hot over every slot when they are
-        # many and short (runs is None then)
-        self.runs: list[tuple[int, int, int]] | None = None
-        self.onehot_all = None
+        self.runs = None  # int64 [R, 3] (start, end, slot) on the CPU (the C++ op)
+        self.bgmv = False
 
     @property
     def active(self) -> bool:
@@ -47,10 +44,9 @@ class StepSlots:
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, width: int,
-                 step: StepSlots, packed: bool) -> None:
+                 step: StepSlots) -> None:
         super().__init__()
         self.base, self.a, self.b, self.width, self.step = base, a, b, width, step
-        self.packs = PackedSlots(a, b, width) if packed else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -61,8 +57,8 @@ class LoRALinear(nn.Module):
             from kernels.lora_triton import lora_delta_triton
 
             return out + lora_delta_triton(x, self.a, self.b, step.token_slot, self.width)
-        if self.packs is not None:
-            return lora_delta_packed(x, out, self.packs, step.runs, step.onehot_all)
+        if step.bgmv:
+            return lora_delta_bgmv(x, out, self.a, self.b, step.runs, self.width)
         return lora_delta_torch(x, self.a, self.b, step.onehot, step.lo, step.hi, self.width,
                                 out=out)
 
@@ -74,7 +70,7 @@ class LoRAModel:
         self.dtype, self.device = dtype, device
         self.step = StepSlots()
         self.step.triton = device.type == "cuda"
-        self.packed = can_prepack(dtype, device)
+        self.step.bgmv = can_bgmv(dtype, device, max(SUBS.values()) * max_rank)
         self.layers: dict[tuple[int, str], LoRALinear] = {}
         self.shapes: dict[str, tuple[list[int], int]] = {}
         self.num_layers = len(model.model.layers)
@@ -94,7 +90,7 @@ class LoRAModel:
         width = SUBS[name] * self.max_rank
         a = torch.zeros(in_features, self.max_loras * width, dtype=self.dtype, device=self.device)
         b = torch.zeros(self.max_loras * width, sum(outs), dtype=self.dtype, device=self.device)
-        layer = LoRALinear(getattr(parent, name), a, b, width, self.step, self.packed)
+        layer = LoRALinear(getattr(parent, name), a, b, width, self.step)
         setattr(parent, name, layer)
         self.layers[(i, name)] = layer
 
@@ -155,26 +151,21 @@ class LoRAModel:
                     layer.a[:, start:start + r].copy_(w.a.T)
                     layer.b[start:start + r, row:row + out].copy_(w.b.T)
                 row += out
-            if layer.packs is not None:
-                layer.packs.repack(slot)
 
-    def set_step(self, token_slot: list[int] | None) -> None:
-        """The step's per-token slots (-1: base model); None or all -1: no LoRA this step."""
+    def set_step(self, runs: list[tuple[int, int, int]] | None, num_tokens: int = 0) -> None:
+        """The step's runs of one adapter, (start row, end row, slot) over its
+        ``num_tokens`` rows; None or empty: no LoRA this step."""
         step = self.step
-        if not token_slot:
+        if not runs:
             step.lo = step.hi = 0
             return
-        if self.packed:
-            runs = slot_runs(token_slot)
-            step.lo, step.hi = 0, int(bool(runs))  # active iff any token has an adapter
-            step.runs, step.onehot_all = runs, None
-            if runs and not use_runs(runs):
-                slots = torch.tensor(token_slot)
-                step.onehot_all = (slots[:, None] == torch.arange(self.max_loras)).to(self.dtype)
-                step.runs = None
+        if step.bgmv:
+            step.runs = torch.tensor(runs, dtype=torch.long)
+            step.lo, step.hi = 0, 1  # active
             return
+        token_slot = token_slots(runs, num_tokens)
         step.onehot, step.lo, step.hi = slot_mask(token_slot, self.dtype, self.device)
-        if step.triton and step.active:
+        if step.triton:
             step.token_slot = torch.tensor(token_slot, dtype=torch.int32).to(self.device)
 
 

@@ -13,6 +13,8 @@ import logging
 import torch
 from torch import nn
 
+from kernels.lora import slot_runs
+
 from ..core.config import EngineConfig
 from ..core.kv_cache_manager import KVCacheManager
 from ..core.request import Request
@@ -517,15 +519,13 @@ class ModelRunner:
         return SchedulerOutput(sorted(sched.scheduled, key=slot), sched.preempted)
 
     def _set_lora_step(self, sched: SchedulerOutput) -> bool:
-        """Each token's adapter slot for the LoRA layers; True if any token has one."""
+        """The step's runs of one adapter for the LoRA layers; True if there are any."""
         if all(s.request.lora_slot is None for s in sched.scheduled):
             self.lora.set_step(None)
             return False
-        slots = []
-        for s in sched.scheduled:
-            slot = s.request.lora_slot
-            slots.extend([-1 if slot is None else slot] * s.num_tokens)
-        self.lora.set_step(slots)
+        pieces = [(s.num_tokens, -1 if s.request.lora_slot is None else s.request.lora_slot)
+                  for s in sched.scheduled]
+        self.lora.set_step(slot_runs(pieces), sum(n for n, _ in pieces))
         return True
 
     def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict:
