@@ -224,6 +224,29 @@ def test_grpc_errors_are_status_codes(live):
     idle(live["base"])
 
 
+def test_grpc_bytes_that_are_not_protobuf_are_invalid_argument(live):
+    import grpc
+
+    method = "/inference.GRPCInferenceService/"
+    junk = b"\xff\xff\xff"  # a truncated varint tag: not a message of any type
+    with grpc.insecure_channel(live["grpc"]) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary(method + "ModelInfer")(junk, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert "not a valid inference.ModelInferRequest" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            list(channel.stream_stream(method + "ModelStreamInfer")(iter([junk]), timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        with pytest.raises(grpc.RpcError) as e:  # methods we do not serve say so plainly
+            channel.unary_unary(method + "SystemSharedMemoryStatus")(b"", timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, e.value
+        assert "not supported" in e.value.details()
+    g = grpcclient.InferenceServerClient(url=live["grpc"])  # and the server goes on
+    assert texts(g.infer(MODEL, inputs(grpcclient, [PROMPTS[2]]))) == [
+        PROMPTS[2] + live["refs"][PROMPTS[2]][0]]
+    idle(live["base"])
+
+
 # ---- 5. cancellation frees everything at once --------------------------------------------
 LONG = {"temperature": 0, "max_tokens": 400, "ignore_eos": True}
 

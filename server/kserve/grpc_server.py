@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 
 import grpc
@@ -243,6 +244,70 @@ def _stream_error(request, message: str) -> pb.ModelStreamInferResponse:
         model_name=request.model_name, model_version=request.model_version, id=request.id))
 
 
+class _Undecodable:
+    """What a request that is not a valid protobuf message deserializes to: the method then
+    answers INVALID_ARGUMENT (grpc's own deserializer failure is an opaque UNKNOWN)."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {message_type} message ({error})"
+
+
+def _lenient(message_class):
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError and friends: the client's bytes
+            return _Undecodable(message_class.DESCRIPTOR.full_name, e)
+    return deserialize
+
+
+def _unary(fn):
+    async def call(request, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return await fn(request, context)
+    return call
+
+
+def _bidi(fn):
+    async def call(requests, context):
+        async def checked():
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                yield request
+        async with contextlib.aclosing(fn(checked(), context)) as responses:
+            async for response in responses:
+                yield response
+    return call
+
+
+def _unimplemented(name: str):
+    async def call(request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not supported by kvserve")
+    return call
+
+
+def _handlers(servicer: GRPCInferenceService) -> grpc.GenericRpcHandler:
+    """The service's methods as the generated ``add_..._to_server`` registers them, but with
+    request bytes that do not decode answered INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        fn = getattr(servicer, method.name)
+        if not inspect.iscoroutinefunction(fn) and not inspect.isasyncgenfunction(fn):
+            fn = _unimplemented(method.name)  # the generated base's sync placeholder
+        request = _lenient(getattr(pb, method.input_type.name))
+        response = getattr(pb, method.output_type.name).SerializeToString
+        if method.client_streaming:  # ModelStreamInfer, the one stream (both ways)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _bidi(fn), request_deserializer=request, response_serializer=response)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(fn), request_deserializer=request, response_serializer=response)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 async def start_grpc_server(service: InferService, host: str, port: int, api_key: str | None,
                             server_version: str, max_message_bytes: int,
                             admin_key: str | None = None) -> grpc.aio.Server:
@@ -252,8 +317,8 @@ async def start_grpc_server(service: InferService, host: str, port: int, api_key
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
     ])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        GRPCInferenceService(service, api_key, server_version, admin_key), server)
+    server.add_generic_rpc_handlers((_handlers(
+        GRPCInferenceService(service, api_key, server_version, admin_key)),))
     address = f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC: cannot listen on {address}")
