@@ -79,7 +79,8 @@ SCHEMAS: dict = {
                                           "logit; -100 bans, +100 forces."},
             "best_of": _int("Only 1 (or null) is accepted.", minimum=1, maximum=1),
             "prompt_logprobs": _int("vLLM: top-N logprobs at every prompt position (the "
-                                    "request then computes its whole prompt).",
+                                    "request then computes its whole prompt); a stream carries them once, on its "
+                                    "first chunk with text.",
                                     minimum=0, maximum=20),
             "response_format": {
                 "type": "object", "nullable": True, "required": ["type"],

@@ -19,6 +19,7 @@ class Shaper:
         self.model = model
         self.states: dict[tuple[int, int], ChoiceState] = {}
         self.latest: dict[int, object] = {}  # prompt index -> its newest output
+        self.prompt_lps_sent: set[int] = set()  # prompts whose stream carried prompt_logprobs
 
     def index(self, prompt_idx: int, child_idx: int) -> int:
         return prompt_idx * self.params.n + child_idx
@@ -65,7 +66,19 @@ class Shaper:
             choice = self.delta_choice(self.index(prompt_idx, c.index), c, delta, first, reason,
                                        out, state)
             if choice is not None:
-                yield self.chunk([choice], opts), new_tokens
+                chunk = self.chunk([choice], opts)
+                if (self.wants_prompt_logprobs() and out.prompt_logprobs is not None
+                        and prompt_idx not in self.prompt_lps_sent):
+                    # once per prompt, on its first chunk (the prompt is computed by then)
+                    self.prompt_lps_sent.add(prompt_idx)
+                    self.add_prompt_logprobs(chunk, choice, out)
+                yield chunk, new_tokens
+
+    def wants_prompt_logprobs(self) -> bool:
+        return False
+
+    def add_prompt_logprobs(self, chunk: dict, choice: dict, out) -> None:
+        """vLLM's prompt_logprobs where the full response has them (per choice or top level)."""
 
 
 class CompletionShaper(Shaper):
@@ -76,6 +89,12 @@ class CompletionShaper(Shaper):
         super().__init__(token_text, model, request_id, params, params.logprobs or 0)
         self.echo, self.prompt_logprobs = echo, prompt_logprobs
         self.return_token_ids = return_token_ids
+
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs
+
+    def add_prompt_logprobs(self, chunk: dict, choice: dict, out) -> None:
+        choice["prompt_logprobs"] = P.vllm_prompt_logprobs(out.prompt_logprobs)
 
     def prompt_text(self, out) -> str:
         if out.prompt is not None:
@@ -155,6 +174,12 @@ class ChatShaper(Shaper):
         if calls:
             message["tool_calls"] = calls
         return message, _tool_reason(reason, bool(calls))
+
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None
+
+    def add_prompt_logprobs(self, chunk: dict, choice: dict, out) -> None:
+        chunk["prompt_logprobs"] = P.vllm_prompt_logprobs(out.prompt_logprobs)  # top level
 
     def logprobs(self, c, start: int):
         if self.params.logprobs is None:

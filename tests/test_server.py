@@ -471,6 +471,34 @@ def test_echo_logprobs_and_prompt_logprobs(client, smol_llm):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
+def test_prompt_logprobs_stream_once_like_the_full_response(client):
+    def same(got, want):
+        assert got[0] is None and want[0] is None and len(got) == len(want)
+        for g, w in zip(got[1:], want[1:]):
+            assert g.keys() == w.keys()
+            for k in g:
+                assert g[k]["logprob"] == pytest.approx(w[k]["logprob"], abs=1e-5)
+
+    kw = dict(model=MODEL, max_tokens=3, temperature=0, extra_body={"prompt_logprobs": 2})
+    prompt = "The capital of France is"
+    full = client.completions.create(prompt=prompt, **kw).choices[0].model_extra["prompt_logprobs"]
+    chunks = list(client.completions.create(prompt=prompt, stream=True, **kw))
+    carrying = [c.choices[0].model_extra["prompt_logprobs"] for c in chunks
+                if c.choices and "prompt_logprobs" in c.choices[0].model_extra]
+    assert len(carrying) == 1 and "prompt_logprobs" in chunks[0].choices[0].model_extra
+    same(carrying[0], full)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    full = client.chat.completions.create(messages=messages, **kw).model_extra["prompt_logprobs"]
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **kw))
+    carrying = [c.model_extra["prompt_logprobs"] for c in chunks
+                if "prompt_logprobs" in c.model_extra]
+    assert len(carrying) == 1 and "prompt_logprobs" not in chunks[0].model_extra  # role first
+    same(carrying[0], full)
+    plain = list(client.chat.completions.create(messages=messages, stream=True, model=MODEL,
+                                                max_tokens=3, temperature=0))
+    assert not any("prompt_logprobs" in c.model_extra for c in plain)
+
+
 # ---- tool calling through the OpenAI API --------------------------------------------------
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
         "required": ["city"], "additionalProperties": False}
