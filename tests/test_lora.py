@@ -209,6 +209,30 @@ def test_mixed_batch_with_arrivals_chunking_and_preemption(tiny_models, adapters
     assert_no_leak(engine)
 
 
+def test_adapters_under_tensor_parallelism(tiny_models, adapters):
+    """tp=2 (gloo, one spawned worker): each rank holds its heads' and MLP columns' part of
+    every adapter. Three adapters through two slots (the loads travel with the steps), the
+    base beside them, chunked prefill and preemption: each output equals its PEFT oracle."""
+    from procs import children_of
+
+    llm = lora_llm(tiny_models, max_loras=2, num_kv_blocks=14, block_size=4,
+                   max_num_batched_tokens=24, tensor_parallel_size=2)
+    try:
+        names = [None, "A", "B", "C", "A", "C", "B"]
+        plist = prompts([9, 30, 5, 17, 23, 12, 3], seed=5)
+        params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in plist], params, use_tqdm=False,
+                            lora_request=[adapters[n][0] for n in names])
+        for i, name in enumerate(names):
+            assert outs[i].outputs[0].token_ids == hf_greedy(adapters[name][1], plist[i], NEW), \
+                (i, name)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert_no_leak(llm.engine)
+    finally:
+        llm.shutdown()
+    assert not children_of(os.getpid())
+
+
 def test_more_adapters_than_slots(tiny_models, adapters, monkeypatch):
     llm = lora_llm(tiny_models, max_loras=2)
     sched = llm.engine.scheduler

@@ -336,7 +336,7 @@ def test_bad_sizes_fail_before_anything_starts(tiny_models, size, needle):
         LLM(path, skip_tokenizer_init=True, tensor_parallel_size=size)
     assert not children()
     with pytest.raises(ValueError, match="not supported with tensor_parallel_size"):
-        LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, enable_lora=True)
+        LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, cpu_compile=True)
 
 
 @pytest.mark.slow

@@ -122,10 +122,9 @@ class EngineConfig:
                     raise ValueError(
                         f"tensor_parallel_size={self.tensor_parallel_size} on CUDA needs as "
                         f"many GPUs; this process sees {torch.cuda.device_count()}.")
-            for name, off in (("enable_lora", False), ("cpu_compile", False)):
-                if getattr(self, name) != off:
-                    raise ValueError(f"{name} is not supported with tensor_parallel_size > 1 "
-                                     f"yet.")
+            if self.cpu_compile:
+                raise ValueError("cpu_compile is not supported with tensor_parallel_size > 1 "
+                                 "yet.")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}.")
         if self.quantization not in QUANTIZATIONS:

@@ -17,6 +17,11 @@ class StepInput:
     new_tables: dict[str, list[int]] = field(default_factory=dict)
     appended: dict[str, list[int]] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    # multi-LoRA: the step's runs of one adapter slot, (start row, end row, slot), None
+    # without adapter tokens; and the adapters rank 0 wrote into slots since the last step,
+    # (slot, LoRAAdapter) with the whole CPU weights: each rank cuts its own part
+    lora_runs: list[tuple[int, int, int]] | None = None
+    lora_loads: list = field(default_factory=list)
 
 
 class TableSender:

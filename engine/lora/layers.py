@@ -72,7 +72,12 @@ class LoRAModel:
         self.step.triton = device.type == "cuda"
         self.step.bgmv = can_bgmv(dtype, device, max(SUBS.values()) * max_rank)
         self.layers: dict[tuple[int, str], LoRALinear] = {}
-        self.shapes: dict[str, tuple[list[int], int]] = {}
+        self.shapes = _shapes(model.cfg)  # the whole model's: adapters are checked on these
+        # under tensor parallelism, the part of each projection this rank holds
+        self.cuts = _cuts(model.cfg, getattr(model, "shards", None))
+        rank = getattr(getattr(model, "shards", None), "rank", None)
+        # rank 0 of a TP group: slot writes to send the other ranks with the next step
+        self.pending: list[tuple[int, LoRAAdapter]] | None = [] if rank == 0 else None
         self.num_layers = len(model.model.layers)
         for i, layer in enumerate(model.model.layers):
             for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
@@ -86,10 +91,11 @@ class LoRAModel:
         self._lock = threading.Lock()
 
     def _wrap(self, model, i: int, parent: nn.Module, name: str) -> None:
-        outs, in_features = self.shapes.setdefault(name, _shapes(model.cfg)[name])
+        outs, (_, in_features) = self.cuts[name]
         width = SUBS[name] * self.max_rank
         a = torch.zeros(in_features, self.max_loras * width, dtype=self.dtype, device=self.device)
-        b = torch.zeros(self.max_loras * width, sum(outs), dtype=self.dtype, device=self.device)
+        b = torch.zeros(self.max_loras * width, sum(n for _, n in outs), dtype=self.dtype,
+                        device=self.device)
         layer = LoRALinear(getattr(parent, name), a, b, width, self.step)
         setattr(parent, name, layer)
         self.layers[(i, name)] = layer
@@ -132,25 +138,40 @@ class LoRAModel:
             self.paths[key] = (name, path)
         return adapter
 
-    @torch.inference_mode()
     def set_slot(self, slot: int, key: str) -> None:
         """Write an adapter's weights into a slot (between steps)."""
         with self._lock:
             name, path = self.paths[key]
         adapter = self.load(name, path, key)
+        self.write_slot(slot, adapter)
+        if self.pending is not None:
+            self.pending.append((slot, adapter))
+
+    def take_pending(self) -> list[tuple[int, LoRAAdapter]]:
+        """Rank 0: the slot writes since the last step, for the other ranks."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        return pending
+
+    @torch.inference_mode()
+    def write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        """This rank's part of each projection's A and B into the slot's columns / rows."""
         for (i, name), layer in self.layers.items():
             width, R = layer.width, self.max_rank
             cols = slice(slot * width, (slot + 1) * width)
             layer.a[:, cols].zero_()
             layer.b[cols].zero_()
+            outs, (in_start, in_count) = self.cuts[name]
             row = 0
-            for sub, out in enumerate(self.shapes[name][0]):
+            for sub, (out_start, out_count) in enumerate(outs):
                 w = adapter.weights.get((i, name, sub))
                 if w is not None:
                     r, start = w.rank, slot * width + sub * R
-                    layer.a[:, start:start + r].copy_(w.a.T)
-                    layer.b[start:start + r, row:row + out].copy_(w.b.T)
-                row += out
+                    layer.a[:, start:start + r].copy_(w.a[:, in_start:in_start + in_count].T)
+                    layer.b[start:start + r, row:row + out_count].copy_(
+                        w.b[out_start:out_start + out_count].T)
+                row += out_count
 
     def set_step(self, runs: list[tuple[int, int, int]] | None, num_tokens: int = 0) -> None:
         """The step's runs of one adapter, (start row, end row, slot) over its
@@ -167,6 +188,23 @@ class LoRAModel:
         step.onehot, step.lo, step.hi = slot_mask(token_slot, self.dtype, self.device)
         if step.triton:
             step.token_slot = torch.tensor(token_slot, dtype=torch.int32).to(self.device)
+
+
+def _cuts(cfg, shards) -> dict[str, tuple[list[tuple[int, int]], tuple[int, int]]]:
+    """Our module -> ([(first, count) of each sub-projection's out rows], (first, count) of
+    its in features) that this rank holds: everything without tensor parallelism; under it
+    (engine/distributed/tp.py) this rank's heads and MLP columns, B's rows of the
+    column-parallel qkv / gate_up and A's columns of the row-parallel o / down, whose
+    partial deltas the all-reduce after them sums like the base's partial outputs."""
+    if shards is None:
+        return {name: ([(0, n) for n in outs], (0, fan_in))
+                for name, (outs, fan_in) in _shapes(cfg).items()}
+    hd, hidden = cfg.head_dim, cfg.hidden_size
+    q = (shards.heads[0] * hd, shards.heads[1] * hd)
+    kv = (shards.kv_heads[0] * hd, shards.kv_heads[1] * hd)
+    cols = shards.columns
+    return {"qkv_proj": ([q, kv, kv], (0, hidden)), "o_proj": ([(0, hidden)], q),
+            "gate_up_proj": ([cols, cols], (0, hidden)), "down_proj": ([(0, hidden)], cols)}
 
 
 def _shapes(cfg) -> dict[str, tuple[list[int], int]]:

@@ -440,13 +440,17 @@ class ModelRunner:
                 ) -> tuple[list[Request], SamplerOutput | None, dict]:
         """(the requests that sampled, their SamplerOutput or None, prompt logprobs by
         request id for the chunks that wanted them)."""
-        if self.tp is not None:
-            return self._execute_tp(sched, kv)
         if self.lora is not None:
             sched = self._group_by_adapter(sched)
+        if self.tp is not None:
+            return self._execute_tp(sched, kv)
         input_ids, positions, meta, logits_rows, sampling_reqs = self._prepare(sched, kv)
         hidden = None
-        if self.lora is not None and self._set_lora_step(sched):
+        runs = None
+        if self.lora is not None:
+            runs = self._lora_runs(sched)
+            self.lora.set_step(runs, len(input_ids))
+        if runs:
             pass  # adapter tokens: eager (graphs and compiled steps hold the base model only)
         elif self._graphs and meta.max_query_len == 1:
             hidden = self._replay_decode_graph(input_ids, positions, meta)
@@ -479,6 +483,8 @@ class ModelRunner:
         spans = self._prompt_spans(sched)
         prompt_rows = [r for *_, rows in spans for r in rows]
         step = self.sender.encode(seqs, tables, prompt_rows + sample_rows)
+        if self.lora is not None:
+            step.lora_runs, step.lora_loads = self._lora_runs(sched), self.lora.take_pending()
         self.workers.send(step)
         try:
             logits = self.forward_step(step)
@@ -503,6 +509,11 @@ class ModelRunner:
         tables = self.tables.apply(step)
         input_ids, positions, meta = self._batch([ids for _, ids, _ in step.seqs],
                                                  [start for _, _, start in step.seqs], tables)
+        if self.lora is not None:
+            if self.tp.rank != 0:  # rank 0 wrote its slots when the engine asked
+                for slot, adapter in step.lora_loads:
+                    self.lora.write_slot(slot, adapter)
+            self.lora.set_step(step.lora_runs, len(input_ids))
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
         if not step.logit_rows:
             return None
@@ -518,15 +529,14 @@ class ModelRunner:
             return -1 if s.request.lora_slot is None else s.request.lora_slot
         return SchedulerOutput(sorted(sched.scheduled, key=slot), sched.preempted)
 
-    def _set_lora_step(self, sched: SchedulerOutput) -> bool:
-        """The step's runs of one adapter for the LoRA layers; True if there are any."""
+    @staticmethod
+    def _lora_runs(sched: SchedulerOutput) -> list[tuple[int, int, int]] | None:
+        """The step's runs of one adapter slot, (start row, end row, slot); None if no token
+        has an adapter."""
         if all(s.request.lora_slot is None for s in sched.scheduled):
-            self.lora.set_step(None)
-            return False
-        pieces = [(s.num_tokens, -1 if s.request.lora_slot is None else s.request.lora_slot)
-                  for s in sched.scheduled]
-        self.lora.set_step(slot_runs(pieces), sum(n for n, _ in pieces))
-        return True
+            return None
+        return slot_runs([(s.num_tokens, -1 if s.request.lora_slot is None
+                           else s.request.lora_slot) for s in sched.scheduled])
 
     def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor) -> dict:
         """request id -> [(logprob, rank, top ids, top logprobs)] of the prompt tokens this
