@@ -452,6 +452,11 @@ def main() -> int:
         if name not in STEPS:
             ap.error(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
     start = time.time()
+    if args.cpu_dry_run:  # the CPU steps use the C++ ops: build them (minutes, the first
+        # time) here, not inside a step's time limit, where a killed build would be lost
+        from kernels import cpu_ops
+
+        cpu_ops.available()
     work = tempfile.mkdtemp(prefix="kvserve-gpu-check-")
     model = build_checkpoint(args.cpu_dry_run, os.path.join(work, "model"))
     results = []

@@ -1,5 +1,5 @@
 """The C++ CPU ops (kernels/csrc/*.cpp), built once with torch's cpp_extension (cached under
-~/.cache/torch_extensions) and registered as real torch ops, ``torch.ops.kvserve.*``:
+~/.cache/torch_extensions/kvserve_cpu_ops/<hash>, see _build_dir) and registered as real torch ops, ``torch.ops.kvserve.*``:
 
 - ``paged_decode``, ``paged_prefill``, ``store_kv``: paged attention over the block pool
   (kernels/cpu_attention.py);
@@ -16,9 +16,11 @@ False and callers keep their torch paths.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -28,6 +30,10 @@ _SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_pr
                                                        "int8_linear.cpp",
                                                        "argmax.cpp", "fused_elementwise.cpp",
                                                        "lora_bgmv.cpp")]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
+# A build holds <dir>/lock while it runs (a minute or two); one older than this was left by
+# a process killed mid-build, and torch would wait on it forever.
+STALE_LOCK_SECONDS = 900
 _lock = threading.Lock()
 _loaded = False
 _failed = False
@@ -41,15 +47,37 @@ def available() -> bool:
                 from torch.utils.cpp_extension import load
 
                 load(name="kvserve_cpu_ops", sources=_SOURCES, is_python_module=False,
-                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math",
-                                   "-fno-finite-math-only"],
-                     extra_ldflags=["-fopenmp"], verbose=False)
+                     extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
+                     build_directory=_build_dir())
                 _register_fakes()
                 _loaded = True
             except Exception as e:  # noqa: BLE001 - any build failure means: use torch ops
                 logger.warning("C++ CPU ops unavailable (%s); using torch ops.", e)
                 _failed = True
     return _loaded
+
+
+def _build_dir() -> str:
+    """One build folder per version of the sources, compiler flags and torch install: two
+    checkouts or venvs on one machine (a CI clone beside a working tree) never rebuild over
+    each other, and headers are part of the key (torch's own check hashes the .cpp files)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(_CSRC)):
+        with open(os.path.join(_CSRC, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    digest.update(" ".join(_CFLAGS + [torch.__version__, torch.__file__]).encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions")
+    path = os.path.join(root, "kvserve_cpu_ops", digest.hexdigest()[:16])
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_SECONDS:
+            logger.warning("removing %s, left by a build that was killed", lock)
+            os.remove(lock)
+    except OSError:  # no lock: the usual case
+        pass
+    return path
 
 
 def has_op(name: str) -> bool:
